@@ -1,0 +1,191 @@
+"""The registry of normalization variants and the spec language that selects one.
+
+A spec is a name (``"bn"``), a name with options (``"gn:groups=8,eps=1e-5"``), or a mapping
+(``{"name": "bgn", "groups": 8}``). :func:`build_norm` turns a spec and a channel count into a
+module; every mistake raises one ``ValueError`` that says what is wrong and what is valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from normlayers.base import NormLayer
+
+_REGISTRY: dict[str, type[NormLayer]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    """One registered variant: its name, a one-line description and its options with defaults."""
+
+    name: str
+    description: str
+    options: dict[str, Any]
+    batch_dependent: bool
+    includes_activation: bool
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "no options"
+        return f"{self.name:12s} {self.description}  [{opts}]"
+
+
+def register(name: str, description: str) -> Callable[[type[NormLayer]], type[NormLayer]]:
+    """Class decorator: make ``cls`` buildable as ``name``."""
+
+    def deco(cls: type[NormLayer]) -> type[NormLayer]:
+        if name in _REGISTRY:
+            raise ValueError(f"normalization {name!r} is registered twice")
+        if not (isinstance(cls, type) and issubclass(cls, NormLayer)):
+            raise TypeError(f"{cls!r} must subclass normlayers.NormLayer to be registered")
+        cls.norm_name = name
+        _REGISTRY[name] = cls
+        _DESCRIPTIONS[name] = description
+        return cls
+
+    return deco
+
+
+def _options(cls: type[NormLayer]) -> dict[str, inspect.Parameter]:
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
+    if not params or params[0].name != "num_features":
+        raise TypeError(f"{cls.__name__}.__init__ must take num_features first")
+    return {
+        p.name: p
+        for p in params[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def available() -> dict[str, NormInfo]:
+    """Every registered variant by name, with its description and options (and their defaults)."""
+    return {
+        name: NormInfo(
+            name=name,
+            description=_DESCRIPTIONS[name],
+            options={k: p.default for k, p in _options(cls).items()},
+            batch_dependent=cls.batch_dependent,
+            includes_activation=cls.includes_activation,
+        )
+        for name, cls in sorted(_REGISTRY.items())
+    }
+
+
+def norm_class(spec: str | Mapping[str, Any]) -> type[NormLayer]:
+    """The class a spec names (validates the name only)."""
+    name, _ = parse_spec(spec)
+    return _REGISTRY[name]
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Split a spec into its registered name and its (unchecked) options."""
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        if "name" not in options:
+            raise ValueError(
+                f"norm spec {dict(spec)!r} has no 'name' key; write e.g. {{'name': 'gn', 'groups': 8}}"
+            )
+        name = options.pop("name")
+    elif isinstance(spec, str):
+        name, sep, rest = spec.strip().partition(":")
+        options = {}
+        if sep:
+            if not rest.strip():
+                raise ValueError(
+                    f"norm spec {spec!r} has ':' but no options; write 'name' or 'name:key=value,key=value'"
+                )
+            for item in rest.split(","):
+                key, eq, value = item.partition("=")
+                if not eq or not key.strip() or not value.strip():
+                    raise ValueError(
+                        f"norm spec {spec!r}: malformed option {item.strip()!r}; "
+                        f"write 'name:key=value,key=value' (e.g. 'gn:groups=8')"
+                    )
+                if key.strip() in options:
+                    raise ValueError(f"norm spec {spec!r}: option {key.strip()!r} is given twice")
+                options[key.strip()] = _parse_value(value)
+    else:
+        raise ValueError(
+            f"norm spec must be a string like 'gn:groups=8' or a mapping with a 'name', "
+            f"got {type(spec).__name__}"
+        )
+    name = str(name).strip()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown normalization {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return name, options
+
+
+def _accepted_types(annotation: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation admits, or ``None`` when it is not checkable."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        out: list[type] = []
+        for arg in typing.get_args(annotation):
+            sub = _accepted_types(arg)
+            if sub is None:
+                return None
+            out.extend(sub)
+        return tuple(out)
+    if annotation is type(None):
+        return (type(None),)
+    if annotation in (int, float, bool, str):
+        return (annotation,)
+    return None
+
+
+def _check_type(name: str, key: str, value: Any, annotation: Any) -> Any:
+    accepted = _accepted_types(annotation)
+    if accepted is None:
+        return value
+    if isinstance(value, bool) and bool not in accepted:
+        pass  # a bool is never a valid number here
+    elif isinstance(value, accepted):
+        return value
+    elif float in accepted and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    wanted = " or ".join("None" if t is type(None) else t.__name__ for t in accepted)
+    raise ValueError(f"norm {name!r}: option {key!r} must be {wanted}, got {value!r}")
+
+
+def build_norm(spec: str | Mapping[str, Any], num_features: int, **extra: Any) -> nn.Module:
+    """Build the normalization layer ``spec`` names for ``num_features`` channels.
+
+    ``extra`` options are merged under the spec's own (the spec wins), which lets a model builder
+    pass defaults such as ``weight_init`` without overriding what the user wrote.
+    """
+    name, options = parse_spec(spec)
+    cls = _REGISTRY[name]
+    accepted = _options(cls)
+    merged = {k: v for k, v in extra.items() if k in accepted}
+    merged.update(options)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) or "none"
+        raise ValueError(f"norm {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in merged.items():
+        merged[key] = _check_type(name, key, value, hints.get(key))
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+        raise ValueError(f"norm {name!r}: num_features must be a positive int, got {num_features!r}")
+    return cls(num_features, **merged)

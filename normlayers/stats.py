@@ -1,0 +1,103 @@
+"""Batch statistics: the one place where statistics cross the batch (and, when asked, processes).
+
+Every batch-dependent layer gets its mean and variance from :func:`batch_moments`. With a process
+group it packs the sample count, the sums and the sums of squares of its slice into a single
+tensor and all-reduces it once, so the statistics equal those of one process holding the whole
+global batch, whatever the per-rank batch sizes. ``torch.distributed.nn.functional.all_reduce``
+carries the gradient back (the backward of a sum all-reduce is a sum all-reduce of the grads).
+Statistics are computed in float32 with autocast off, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _reduce_sum(packed: Tensor, group) -> Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+
+
+def batch_moments(
+    x: Tensor,
+    dims: Sequence[int],
+    group=None,
+    who: str = "normalization layer",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance of ``x`` over ``dims``, in float32, and the number of values.
+
+    Returns ``(mean, var, count)``; ``mean`` and ``var`` have the shape of ``x`` with ``dims``
+    removed, ``count`` is a float32 scalar tensor (values per statistic, over the whole group).
+    ``group`` of ``None`` means the local batch only. Raises ``ValueError`` when a statistic would
+    come from a single value (``who`` names the layer in the message).
+    """
+    dims = tuple(d % x.dim() for d in dims)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()
+        local_count = 1
+        for d in dims:
+            local_count *= x.shape[d]
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            if local_count <= 1:
+                raise single_value_error(who, x)
+            var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
+            return mean, var, torch.tensor(float(local_count), device=x.device)
+        sums = xf.sum(dim=dims)
+        sq_sums = (xf * xf).sum(dim=dims)
+        count = torch.full((1,), float(local_count), device=x.device)
+        packed = torch.cat([count, sums.reshape(-1), sq_sums.reshape(-1)])
+        total = _reduce_sum(packed, group)
+        n = total[0]
+        if n.item() <= 1:
+            raise single_value_error(who, x)
+        k = sums.numel()
+        mean = (total[1 : 1 + k] / n).reshape(sums.shape)
+        var = (total[1 + k :] / n).reshape(sums.shape) - mean * mean
+        return mean, var.clamp_min(0.0), n.detach()
+
+
+def single_value_error(who: str, x: Tensor) -> ValueError:
+    return ValueError(
+        f"{who}: training needs more than one value per statistic to compute batch statistics, "
+        f"got input of shape {tuple(x.shape)}; use a larger batch, a per-sample norm (gn, ln, in, "
+        f"frn), or put the layer in eval mode"
+    )
+
+
+@torch.no_grad()
+def update_running(
+    running: Tensor, batch_value: Tensor, momentum: float | None, num_batches_tracked: Tensor | None
+) -> None:
+    """torch's convention: ``running = (1 - momentum) * running + momentum * batch``;
+    ``momentum=None`` is the cumulative average over the batches seen so far."""
+    if momentum is None:
+        factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.1
+    else:
+        factor = momentum
+    running.lerp_(batch_value.to(running.dtype), factor)
+
+
+def unbiased(var: Tensor, count: Tensor) -> Tensor:
+    """Bessel's correction of a biased variance from ``count`` values (as torch's running_var)."""
+    return var * (count / (count - 1).clamp_min(1.0))
+
+
+def channel_shape(x: Tensor, channel_dim: int = 1) -> list[int]:
+    """Shape that broadcasts a per-channel vector against ``x`` (NC, NCL or NCHW)."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = x.shape[channel_dim]
+    return shape
+
+
+def affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``y * weight + bias`` with per-channel parameters broadcast over dim 1."""
+    if weight is not None:
+        y = y * weight.reshape(channel_shape(y))
+    if bias is not None:
+        y = y + bias.reshape(channel_shape(y))
+    return y
