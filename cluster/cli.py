@@ -8,7 +8,7 @@ import sys
 # subcommand -> (module with a ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.cli", "train one run: normlab train [EXPERIMENT.yaml] [key=value ...]"),
-    "sweep": ("cluster.sweep_cli", "plan, submit, watch or cancel a sweep: normlab sweep {plan,submit,status,cancel} FILE"),
+    "sweep": ("cluster.sweep_cli", "plan, submit, watch or cancel a sweep: sweep {plan,submit,status,cancel} FILE"),
     "report": ("cluster.report", "regime figures from a sweep or experiment: normlab report SWEEP_OR_EXPERIMENT"),
     "demo": ("cluster.demo", "the demo sweep on this machine, then its report (what `make demo` runs)"),
     "norms": ("cluster.norms_cli", "list the normalization variants and their options"),

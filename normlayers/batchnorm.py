@@ -14,7 +14,7 @@ from :func:`normlayers.stats.batch_moments` over the whole group.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlayers.base import NormLayer
