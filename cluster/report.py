@@ -1,0 +1,578 @@
+"""``normlab report``: the regime figures of a sweep, read back from MLflow.
+
+The training runs of one MLflow experiment (a sweep file names its experiment and tracking URI)
+are read with MLflow's search API, grouped over seeds, and turned into three panels:
+
+1. batch-size regimes: validation error against per-device batch size (log2 axis), one line per
+   norm, mean and spread over seeds, each point at the learning rate that did best there;
+2. learning-rate stability: norm x learning rate heat maps (one per batch size) coloured by final
+   validation accuracy, diverged cells marked, the largest stable learning rate per norm outlined;
+3. depth statistics: activation std and gradient norm per layer, for runs that logged probes.
+
+The output directory gets one PNG per panel, ``report.md`` (tables and notes) and ``report.html``
+(the same, images embedded, so it opens anywhere). The files are also logged as artifacts of a
+run tagged ``normlab.kind=report`` in the same experiment; it has no ``run_key`` tag, so sweep
+status and resubmission ignore it. What the runs do not allow (one seed: no spread, one learning
+rate: no stability panel, no probes: no depth panel) is said in the notes instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import os
+import re
+import statistics
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+REPORT_TAG = ("normlab.kind", "report")
+PROBE_METRIC = re.compile(r"^probe/(act_std|grad_norm)/(\d{3})_(.+)$")
+FIGURE_FILES = {"batch": "batch_regimes.png", "lr": "lr_stability.png", "depth": "depth_stats.png"}
+
+
+class ReportError(Exception):
+    """Bad input (unknown experiment, missing file): one line for the user, exit status 2."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One training run as the report sees it: its coordinates in the grid and its outcome."""
+
+    run_id: str
+    norm: str
+    batch_size: int
+    lr: float
+    seed: int
+    val_acc: float | None
+    diverged: bool
+    act_std: dict[int, float] = field(default_factory=dict)  # layer depth index -> final value
+    grad_norm: dict[int, float] = field(default_factory=dict)
+    layer_names: dict[int, str] = field(default_factory=dict)  # depth index -> module path
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Section:
+    title: str
+    figure: str | None  # file name of the panel's PNG in the output directory
+    tables: list[Table]
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def record_from_run(run) -> RunRecord | None:
+    """A report record from an MLflow run, or None when the run lacks a grid coordinate."""
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    try:
+        norm = tags.get("norm") or params["model.norm"]
+        batch_size = int(tags.get("batch_size") or params["data.batch_size"])
+        lr = float(params["optim.lr"])
+        seed = int(params["seed"])
+    except (KeyError, ValueError):
+        return None
+    diverged = metrics.get("diverged", 0.0) >= 0.5 or tags.get("normlab.status") == "diverged"
+    probes: dict[str, dict[int, float]] = {"act_std": {}, "grad_norm": {}}
+    layer_names = {}
+    for key, value in metrics.items():
+        match = PROBE_METRIC.match(key)
+        if match:
+            probes[match.group(1)][int(match.group(2))] = value
+            layer_names[int(match.group(2))] = match.group(3)
+    return RunRecord(
+        run_id=run.info.run_id,
+        norm=norm,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        val_acc=metrics.get("val_acc"),
+        diverged=diverged,
+        act_std=probes["act_std"],
+        grad_norm=probes["grad_norm"],
+        layer_names=layer_names,
+    )
+
+
+def _finished(run) -> bool:
+    """The trainer's own status tag when present (MLflow says FINISHED for diverged runs too)."""
+    status = run.data.tags.get("normlab.status")
+    if status is not None:
+        return status in ("finished", "diverged")
+    return run.info.status == "FINISHED"
+
+
+def read_runs(client, experiment_id: str) -> tuple[list[RunRecord], list[str]]:
+    """The experiment's training runs (report runs left out) and notes on runs that were skipped."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    records, unusable, unfinished = [], 0, 0
+    for run in runs:
+        if run.data.tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
+            continue
+        record = record_from_run(run)
+        if record is None:
+            unusable += 1
+        elif not _finished(run) or (record.val_acc is None and not record.diverged):
+            unfinished += 1  # its metrics are intermediate values, not final ones
+        else:
+            records.append(record)
+    notes = []
+    if unusable:
+        notes.append(f"{unusable} run(s) lack a norm, batch size, optim.lr or seed (not training runs): left out")
+    if unfinished:
+        notes.append(f"{unfinished} run(s) not finished (running, failed or killed): left out")
+    return records, notes
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def batch_regime_data(records: list[RunRecord]) -> tuple[dict, list[str]]:
+    """Validation error per (norm, batch size) over seeds, at the best learning rate with no diverged seed.
+
+    Returns ``{norm: [{"batch_size", "lr", "seeds", "mean_error", "std_error"}, ...]}`` sorted by
+    batch size (``std_error`` None with one seed) and notes on points that could not be made.
+    """
+    cells: dict[tuple[str, int, float], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        cells[(r.norm, r.batch_size, r.lr)].append(r)
+    by_point: dict[tuple[str, int], list[tuple[float, list[RunRecord]]]] = defaultdict(list)
+    for (norm, batch_size, lr), runs in cells.items():
+        by_point[(norm, batch_size)].append((lr, runs))
+    data: dict[str, list[dict]] = {}
+    notes = []
+    for (norm, batch_size), candidates in sorted(by_point.items()):
+        # A learning rate that diverged in any seed is not a usable setting for this point.
+        stable = [(lr, runs) for lr, runs in candidates if not any(r.diverged for r in runs)]
+        if not stable:
+            notes.append(f"{norm} at per-device batch {batch_size}: each lr diverged in some seed: no point")
+            continue
+        scored = [(_mean_std([1.0 - r.val_acc for r in runs]), lr, runs) for lr, runs in stable]
+        (mean, std), lr, runs = min(scored, key=lambda item: (item[0][0], item[1]))
+        point = {"batch_size": batch_size, "lr": lr, "seeds": len(runs), "mean_error": mean, "std_error": std}
+        data.setdefault(norm, []).append(point)
+    return data, notes
+
+
+def lr_stability_data(records: list[RunRecord]) -> dict:
+    """Per batch size, the norm x learning rate grid of final accuracy and divergence.
+
+    Returns ``{"lrs": [...], "norms": [...], "batch_sizes": {bs: {"cells": {(norm, lr): cell},
+    "largest_stable_lr": {norm: lr | None}}}}`` with ``cell = {"runs", "diverged", "mean_acc"}``;
+    ``mean_acc`` averages the seeds that did not diverge (None if all did).
+    """
+    lrs = sorted({r.lr for r in records})
+    norms = sorted({r.norm for r in records})
+    grouped: dict[int, dict[tuple[str, float], list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        grouped[r.batch_size][(r.norm, r.lr)].append(r)
+    per_batch = {}
+    for batch_size in sorted(grouped):
+        cells = {}
+        for key, runs in grouped[batch_size].items():
+            accs = [r.val_acc for r in runs if not r.diverged and r.val_acc is not None]
+            cells[key] = {
+                "runs": len(runs),
+                "diverged": sum(r.diverged for r in runs),
+                "mean_acc": statistics.fmean(accs) if accs else None,
+            }
+        largest = {}
+        for norm in norms:
+            stable = [lr for (n, lr), cell in cells.items() if n == norm and cell["diverged"] == 0]
+            largest[norm] = max(stable) if stable else None
+        per_batch[batch_size] = {"cells": cells, "largest_stable_lr": largest}
+    return {"lrs": lrs, "norms": norms, "batch_sizes": per_batch}
+
+
+def depth_data(records: list[RunRecord]) -> dict | None:
+    """Per-layer activation std and gradient norm per norm, averaged over seeds, at one setting.
+
+    The setting is the (batch size, learning rate) at which the most norms have probe runs (ties:
+    smallest batch, then smallest learning rate), so the lines compare norms and nothing else.
+    Returns None when no run that finished logged probes.
+    """
+    probed = [r for r in records if (r.act_std or r.grad_norm) and not r.diverged]
+    if not probed:
+        return None
+    norms_at = defaultdict(set)
+    for r in probed:
+        norms_at[(r.batch_size, r.lr)].add(r.norm)
+    batch_size, lr = min(norms_at, key=lambda key: (-len(norms_at[key]), key))
+    lines = {}
+    for norm in sorted(norms_at[(batch_size, lr)]):
+        runs = [r for r in probed if (r.norm, r.batch_size, r.lr) == (norm, batch_size, lr)]
+        layers = sorted({i for r in runs for i in (*r.act_std, *r.grad_norm)})
+        names = {i: name for r in runs for i, name in r.layer_names.items()}
+        lines[norm] = {
+            "layers": layers,
+            "names": [names[i] for i in layers],
+            "act_std": [_mean_of([r.act_std.get(i) for r in runs]) for i in layers],
+            "grad_norm": [_mean_of([r.grad_norm.get(i) for r in runs]) for i in layers],
+            "runs": len(runs),
+        }
+    return {"batch_size": batch_size, "lr": lr, "norms": lines}
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+# ---------------------------------------------------------------- figures (matplotlib, Agg canvas)
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _lr_label(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def plot_batch_regimes(data: dict, path: Path) -> dict:
+    """Validation error vs per-device batch size; returns the plotted series ``{norm: (x, y, std)}``."""
+    fig, (ax,) = _figure(7, 4.5)
+    plotted = {}
+    for norm, points in data.items():
+        x = [p["batch_size"] for p in points]
+        y = [p["mean_error"] for p in points]
+        std = [p["std_error"] for p in points]
+        (line,) = ax.plot(x, y, marker="o", label=norm)
+        spread = [(xi, yi, si) for xi, yi, si in zip(x, y, std, strict=True) if si is not None]
+        if spread:
+            sx, sy, ss = zip(*spread, strict=True)
+            ax.fill_between(sx, [a - b for a, b in zip(sy, ss, strict=True)],
+                            [a + b for a, b in zip(sy, ss, strict=True)], color=line.get_color(), alpha=0.2)
+        plotted[norm] = (x, y, std)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({p["batch_size"] for points in data.values() for p in points})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("per-device batch size")
+    ax.set_ylabel("validation error (1 - val_acc)")
+    ax.set_title("Batch-size regimes (mean ± std over seeds, best stable lr per point)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="norm")
+    fig.savefig(path, dpi=110)
+    return plotted
+
+
+def plot_lr_stability(data: dict, path: Path) -> dict:
+    """One heat map per batch size; returns ``{bs: {"acc": rows of floats/None, "marked": [(norm, lr)],
+    "largest_stable_lr": {norm: lr}}}`` exactly as drawn."""
+    norms, lrs, per_batch = data["norms"], data["lrs"], data["batch_sizes"]
+    fig, axes = _figure(max(4.0, 1.0 + 0.9 * len(lrs)) * len(per_batch), 1.2 + 0.6 * len(norms), len(per_batch))
+    drawn = {}
+    image = None
+    for ax, (batch_size, grid) in zip(axes, per_batch.items(), strict=True):
+        acc = [[_cell_acc(grid["cells"].get((norm, lr))) for lr in lrs] for norm in norms]
+        image = ax.imshow([[math.nan if v is None else v for v in row] for row in acc],
+                          vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        marked = []
+        for i, norm in enumerate(norms):
+            for j, lr in enumerate(lrs):
+                cell = grid["cells"].get((norm, lr))
+                if cell is None:
+                    continue
+                if cell["diverged"]:
+                    marked.append((norm, lr))
+                    ax.text(j, i, f"× {cell['diverged']}/{cell['runs']}", ha="center", va="center",
+                            color="red", fontweight="bold")
+                elif cell["mean_acc"] is not None:
+                    ax.text(j, i, f"{cell['mean_acc']:.2f}", ha="center", va="center", color="white", fontsize=8)
+            best = grid["largest_stable_lr"][norm]
+            if best is not None:
+                ax.add_patch(_outline(lrs.index(best), i))
+        ax.set_xticks(range(len(lrs)), [_lr_label(lr) for lr in lrs])
+        ax.set_yticks(range(len(norms)), norms)
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"per-device batch {batch_size}")
+        drawn[batch_size] = {"acc": acc, "marked": marked, "largest_stable_lr": dict(grid["largest_stable_lr"])}
+    fig.colorbar(image, ax=list(axes), label="final val_acc")
+    fig.suptitle("Learning-rate stability: × k/n = k of n seeds diverged, black box = largest stable lr")
+    fig.savefig(path, dpi=110)
+    return drawn
+
+
+def _cell_acc(cell: dict | None) -> float | None:
+    return None if cell is None else cell["mean_acc"]
+
+
+def _outline(col: int, row: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=3)
+
+
+def plot_depth(data: dict, path: Path) -> dict:
+    """Activation std and gradient norm per layer, one line per norm; returns ``{norm: {stat: (x, y)}}``."""
+    fig, (ax_act, ax_grad) = _figure(10, 4, 2)
+    drawn = {}
+    for norm, line in data["norms"].items():
+        drawn[norm] = {}
+        for ax, stat in ((ax_act, "act_std"), (ax_grad, "grad_norm")):
+            points = [(i, v) for i, v in zip(line["layers"], line[stat], strict=True) if v is not None]
+            if points:
+                x, y = zip(*points, strict=True)
+                ax.plot(x, y, marker="o", label=norm)
+                drawn[norm][stat] = (list(x), list(y))
+    layers = sorted({i for line in data["norms"].values() for i in line["layers"]})
+    for ax, label in ((ax_act, "activation std"), (ax_grad, "gradient norm")):
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer (depth index)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(title="norm")
+    grad_values = [y for stats in drawn.values() for y in stats.get("grad_norm", ((), ()))[1]]
+    if grad_values and min(grad_values) > 0:  # gradient norms span decades across depth
+        ax_grad.set_yscale("log")
+    fig.suptitle(f"Depth statistics at per-device batch {data['batch_size']}, lr {_lr_label(data['lr'])}")
+    fig.savefig(path, dpi=110)
+    return drawn
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def build_report(records: list[RunRecord], out: Path) -> tuple[list[Section], list[str], dict]:
+    """Make every panel the runs allow; returns the sections, notes on what is missing, and the
+    plotted data of each panel (``"batch"``, ``"lr"``, ``"depth"``; absent when not made)."""
+    notes: list[str] = []
+    sections: list[Section] = []
+    plotted: dict = {}
+    if not records:
+        return sections, ["no finished training runs: nothing to plot"], plotted
+
+    seeds = Counter((r.norm, r.batch_size, r.lr) for r in records)
+    if max(seeds.values()) == 1:
+        notes.append("one seed per setting: no spread over seeds is shown")
+    batch_sizes = sorted({r.batch_size for r in records})
+    lrs = sorted({r.lr for r in records})
+
+    regimes, regime_notes = batch_regime_data(records)
+    notes += regime_notes
+    if len(batch_sizes) == 1:
+        notes.append(f"one per-device batch size ({batch_sizes[0]}): the batch-regime panel has one point per norm")
+    if regimes:
+        plotted["batch"] = plot_batch_regimes(regimes, out / FIGURE_FILES["batch"])
+        rows = [[norm, str(p["batch_size"]), _lr_label(p["lr"]), str(p["seeds"]), _fmt(p["mean_error"]),
+                 _fmt(p["std_error"])] for norm, points in regimes.items() for p in points]
+        table = Table("Validation error by per-device batch size",
+                      ["norm", "batch", "lr", "seeds", "val error mean", "val error std"], rows)
+        sections.append(Section("Batch-size regimes", FIGURE_FILES["batch"], [table]))
+
+    if len(lrs) < 2:
+        notes.append(f"one learning rate ({_lr_label(lrs[0])}): no learning-rate stability panel")
+    else:
+        stability = lr_stability_data(records)
+        plotted["lr"] = plot_lr_stability(stability, out / FIGURE_FILES["lr"])
+        cells, largest = [], []
+        for batch_size, grid in stability["batch_sizes"].items():
+            for (norm, lr), cell in sorted(grid["cells"].items()):
+                cells.append([norm, str(batch_size), _lr_label(lr), str(cell["runs"]), str(cell["diverged"]),
+                              _fmt(cell["mean_acc"])])
+            for norm, lr in grid["largest_stable_lr"].items():
+                largest.append([norm, str(batch_size), "none" if lr is None else _lr_label(lr)])
+        largest.sort(key=lambda row: row[0])  # per norm, batch sizes ascending (sort is stable)
+        sections.append(Section("Learning-rate stability", FIGURE_FILES["lr"], [
+            Table("Largest stable learning rate", ["norm", "batch", "largest stable lr"], largest),
+            Table("Final accuracy by learning rate", ["norm", "batch", "lr", "runs", "diverged", "val acc mean"],
+                  cells),
+        ]))
+
+    depth = depth_data(records)
+    if depth is None:
+        notes.append("no finished run logged probe metrics (probe/act_std/..., probe/grad_norm/...): no depth panel")
+    else:
+        plotted["depth"] = plot_depth(depth, out / FIGURE_FILES["depth"])
+        rows = [[norm, str(layer), name, _fmt(a), _fmt(g)] for norm, line in depth["norms"].items()
+                for layer, name, a, g in zip(line["layers"], line["names"], line["act_std"], line["grad_norm"],
+                                             strict=True)]
+        title = f"Depth statistics (per-device batch {depth['batch_size']}, lr {_lr_label(depth['lr'])})"
+        sections.append(Section(title, FIGURE_FILES["depth"], [
+            Table("Per-layer statistics, mean over seeds", ["norm", "layer", "module", "act std", "grad norm"], rows)]))
+    return sections, notes, plotted
+
+
+def render_markdown(heading: str, summary: str, sections: list[Section], notes: list[str]) -> str:
+    lines = [f"# {heading}", "", summary, ""]
+    if notes:
+        lines += ["## What the runs do not allow", ""] + [f"- {note}" for note in notes] + [""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        if section.figure:
+            lines += [f"![{section.title}]({section.figure})", ""]
+        for table in section.tables:
+            lines += [f"**{table.title}**", "", "| " + " | ".join(table.header) + " |",
+                      "|" + "---|" * len(table.header)]
+            lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_html(heading: str, summary: str, sections: list[Section], notes: list[str], out: Path) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(heading)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>{esc(heading)}</h1>", f"<p>{esc(summary)}</p>",
+    ]
+    if notes:
+        parts += ["<h2>What the runs do not allow</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in notes] + ["</ul>"]
+    for section in sections:
+        parts.append(f"<h2>{esc(section.title)}</h2>")
+        if section.figure:
+            encoded = base64.b64encode((out / section.figure).read_bytes()).decode("ascii")
+            parts.append(f'<img alt="{esc(section.title)}" src="data:image/png;base64,{encoded}">')
+        for table in section.tables:
+            parts.append(f"<table><caption>{esc(table.title)}</caption><tr>")
+            parts += [f"<th>{esc(h)}</th>" for h in table.header]
+            parts.append("</tr>")
+            for row in table.rows:
+                parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _resolve_target(target: str, tracking_uri: str | None) -> tuple[str, str]:
+    """(experiment name, tracking URI) from a sweep file or an experiment name."""
+    path = Path(target)
+    if path.is_file():
+        from cluster.sweep import load_sweep  # lazily: only a sweep file needs the sweep machinery
+
+        try:
+            sweep = load_sweep(str(path))
+        except Exception as err:  # noqa: BLE001 - any invalid sweep file is the user's input error
+            raise ReportError(f"{target}: not a usable sweep file: {err}") from None
+        # Like the trainer: a sweep left at the default store gives way to $MLFLOW_TRACKING_URI.
+        sweep_uri = sweep.tracking_uri if sweep.tracking_uri != DEFAULT_TRACKING_URI else None
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        return sweep.experiment, tracking_uri or sweep_uri or env_uri or DEFAULT_TRACKING_URI
+    if path.suffix in (".yaml", ".yml") or os.sep in target:
+        raise ReportError(f"no such sweep file: {target} (give a sweep YAML file or an MLflow experiment name)")
+    return target, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _check_local_store(uri: str) -> None:
+    """A SQLite URI must name an existing database: MLflow would otherwise create an empty one."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
+        if not db.is_file():
+            raise ReportError(f"no MLflow database at {db} (tracking URI {uri}); "
+                              "pass --tracking-uri or set MLFLOW_TRACKING_URI")
+
+
+def log_report_run(client, experiment_id: str, files: list[Path], source: str) -> str:
+    """A FINISHED run tagged ``normlab.kind=report`` (and no run_key) holding the report files."""
+    run = client.create_run(experiment_id, run_name="regime-report",
+                            tags={REPORT_TAG[0]: REPORT_TAG[1], "normlab.report_source": source})
+    run_id = run.info.run_id
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path="report")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="normlab report",
+        description="Regime figures (batch size, learning-rate stability, depth) of a sweep or MLflow experiment.")
+    parser.add_argument("target", metavar="SWEEP_FILE_OR_EXPERIMENT",
+                        help="a sweep YAML file (its experiment and tracking URI are used) or an experiment name")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else "
+                        f"$MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    parser.add_argument("--out", type=Path, help="output directory (default: reports/<experiment>)")
+    parser.add_argument("--no-log", action="store_true", help="write the files only; log no report run to MLflow")
+    args = parser.parse_args(argv)
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        experiment_name, uri = _resolve_target(args.target, args.tracking_uri)
+        _check_local_store(uri)
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            experiment = client.get_experiment_by_name(experiment_name)
+        except MlflowException as err:
+            raise ReportError(f"cannot read experiments from {uri}: {err.message.splitlines()[0]}") from None
+        if experiment is None:
+            raise ReportError(f"no MLflow experiment named {experiment_name!r} at {uri}")
+    except ReportError as err:
+        print(f"normlab report: {err}", file=sys.stderr)
+        return 2
+
+    out = args.out or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        records, notes = read_runs(client, experiment.experiment_id)
+    except MlflowException as err:
+        print(f"normlab report: reading runs from {uri} failed: {err.message.splitlines()[0]}", file=sys.stderr)
+        return 1
+    sections, panel_notes, _ = build_report(records, out)
+    notes += panel_notes
+    n_seeds = len({r.seed for r in records})
+    heading = f"normlab report: {experiment_name}"
+    summary = (f"{len(records)} training run(s), {n_seeds} seed(s), from experiment {experiment_name!r} "
+               f"at {uri}.")
+    files = [out / s.figure for s in sections if s.figure]
+    (out / "report.md").write_text(render_markdown(heading, summary, sections, notes) + "\n")
+    (out / "report.html").write_text(render_html(heading, summary, sections, notes, out))
+    files += [out / "report.md", out / "report.html"]
+
+    for note in notes:
+        print(f"note: {note}")
+    print(f"report written to {out}/ ({', '.join(p.name for p in files)})")
+    if not args.no_log:
+        try:
+            run_id = log_report_run(client, experiment.experiment_id, files, args.target)
+        except MlflowException as err:
+            print(f"normlab report: logging the report run to {uri} failed: {err.message.splitlines()[0]}",
+                  file=sys.stderr)
+            return 1
+        print(f"logged as run {run_id} (tag {REPORT_TAG[0]}={REPORT_TAG[1]}) in experiment {experiment_name!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Sweep files: a base experiment, a grid, an optional zip, seeds and an executor block.
+
+A sweep file is YAML::
+
+    name: demo                       # also the MLflow experiment unless `experiment` is given
+    base: ../experiments/digits.yaml # optional; relative paths are relative to the sweep file
+    overrides:                       # optional; dotted keys applied to every run
+      trainer.max_epochs: 3
+    grid:                            # cartesian product over dotted keys
+      model.norm: [bn, gn:groups=8]
+      data.batch_size: [2, 8, 32]
+    zip:                             # optional; lists of equal length varied together
+      data.batch_size: [32, 256]
+      optim.lr: [0.1, 0.8]
+    seeds: [0, 1]                    # optional; one more grid axis over `seed`
+    executor: {kind: slurm, partition: gpu, runs_per_job: 4, ...}
+
+Every expanded run goes through ``trainer.config.load_config`` here, before anything is
+submitted; the first invalid run raises ``SweepError`` naming the run's grid values and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import normlayers
+import trainer.config
+from trainer.config import ConfigError, load_config, norm_spec_text, run_key
+from trainer.config import _validate as check_config  # the trainer's own cross-key rules (see _validated_runs)
+
+TOP_LEVEL_KEYS = ("name", "experiment", "base", "overrides", "grid", "zip", "seeds", "executor")
+EXECUTOR_KINDS = ("slurm", "local", "debug")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot run; its str is one line saying what is wrong and what to do."""
+
+
+@dataclass
+class ExecutorSettings:
+    """The `executor` block. Keys not listed here are rejected."""
+
+    kind: str = "local"
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    timeout_min: int = 60
+    array_parallelism: int = 2
+    runs_per_job: int = 1
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters, e.g. {account: lab}
+    setup: list[str] = field(default_factory=list)  # shell lines run in the job before python starts
+    max_requeues: int = 3
+    log_dir: str | None = None  # default: <output.root>/sweeps/<name>
+
+    @classmethod
+    def from_mapping(cls, raw: Any, where: str) -> ExecutorSettings:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise SweepError(f"{where}: `executor` must be a mapping of settings, got {type(raw).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise SweepError(
+                f"{where}: unknown executor key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}"
+            )
+        settings = cls(**raw)
+        settings._check(where)
+        return settings
+
+    def _check(self, where: str) -> None:
+        if self.kind not in EXECUTOR_KINDS:
+            raise SweepError(f"{where}: executor.kind={self.kind!r}; choose one of {', '.join(EXECUTOR_KINDS)}")
+        positive = ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min", "array_parallelism", "runs_per_job")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SweepError(f"{where}: executor.{name}={value!r}; it must be a positive integer")
+        for name in ("gpus_per_node", "max_requeues"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SweepError(f"{where}: executor.{name}={value!r}; it must be an integer >= 0")
+        if self.mem_gb is not None and (not isinstance(self.mem_gb, int | float) or self.mem_gb <= 0):
+            raise SweepError(f"{where}: executor.mem_gb={self.mem_gb!r}; it must be a positive number of GB")
+        if not isinstance(self.sbatch, dict):
+            raise SweepError(f"{where}: executor.sbatch must be a mapping of extra sbatch parameters")
+        if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
+            raise SweepError(f"{where}: executor.setup must be a list of shell lines")
+        if self.kind != "slurm" and (self.nodes > 1 or self.tasks_per_node > 1):
+            raise SweepError(
+                f"{where}: executor.kind={self.kind} runs one process per job; multi-device runs "
+                "(nodes or tasks_per_node > 1) need kind: slurm"
+            )
+
+
+@dataclass
+class SweepRun:
+    """One expanded run: its position, the grid values that made it, its overrides and run key.
+
+    ``cfg`` (the validated DictConfig) is built on first use: a 10,000-run sweep keeps only keys.
+    """
+
+    index: int
+    values: dict[str, Any]
+    overrides: list[str]
+    key: str
+    norm: str  # the spec as one string, e.g. "gn:groups=8"
+    batch_size: int  # per device
+    devices: int = 1  # per node
+    nodes: int = 1
+    base: str | None = None
+    _cfg: DictConfig | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={_format_value(v)}" for k, v in self.values.items())
+        return f"run {self.index} ({shown})" if shown else f"run {self.index}"
+
+    @property
+    def cfg(self) -> DictConfig:
+        if self._cfg is None:
+            self._cfg = load_config(self.base, self.overrides)
+        return self._cfg
+
+    def to_record(self) -> dict[str, Any]:
+        return {"index": self.index, "values": self.values, "overrides": self.overrides, "key": self.key,
+                "norm": self.norm, "batch_size": self.batch_size, "devices": self.devices, "nodes": self.nodes}
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    experiment: str  # MLflow experiment name
+    tracking_uri: str
+    base: str | None
+    runs: list[SweepRun]
+    executor: ExecutorSettings
+    folder: Path  # submitit logs, the submission record (jobs.json) and the validated plan (plan.json)
+
+    def run_by_key(self) -> dict[str, SweepRun]:
+        return {run.key: run for run in self.runs}
+
+
+def _format_value(value: Any) -> str:
+    """A value as a dot-list override understands it (YAML flow); strings stay bare when unambiguous."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+        return json.dumps(value)
+    return json.dumps(value)
+
+
+def _as_override(key: str, value: Any) -> str:
+    return f"{key}={_format_value(value)}"
+
+
+def _axis_lists(section: Any, name: str, where: str) -> dict[str, list[Any]]:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise SweepError(f"{where}: `{name}` must map dotted keys to lists of values, e.g. model.norm: [bn, gn]")
+    for key, values in section.items():
+        if not isinstance(values, list):
+            raise SweepError(f"{where}: {name}.{key} must be a list of values, got {values!r}")
+    return section
+
+
+def _expand(raw: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Grid values of every run: grid x zip x seeds, in file order."""
+    grid = _axis_lists(raw.get("grid"), "grid", where)
+    zipped = _axis_lists(raw.get("zip"), "zip", where)
+    lengths = {key: len(values) for key, values in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+        raise SweepError(f"{where}: the lists under `zip` must have equal lengths ({shown})")
+    clash = sorted(set(grid) & set(zipped))
+    if clash:
+        raise SweepError(f"{where}: {', '.join(clash)} is both in `grid` and in `zip`; keep each key in one place")
+    axes: list[list[dict[str, Any]]] = [[{key: v} for v in values] for key, values in grid.items()]
+    if zipped:
+        n = next(iter(lengths.values()))
+        axes.append([{key: values[i] for key, values in zipped.items()} for i in range(n)])
+    seeds = raw.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise SweepError(f"{where}: `seeds` must be a list of integers, got {seeds!r}")
+        if "seed" in grid or "seed" in zipped:
+            raise SweepError(f"{where}: `seed` is both in `seeds` and in grid/zip; keep it in one place")
+        axes.append([{"seed": s} for s in seeds])
+    runs = []
+    for combo in itertools.product(*axes):
+        values: dict[str, Any] = {}
+        for part in combo:
+            values.update(part)
+        runs.append(values)
+    return runs
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """Jobs may start in another directory: a relative SQLite path is pinned to this one."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def load_sweep(path: str | os.PathLike[str]) -> Sweep:
+    """Read, expand and validate a sweep file. Raises ``SweepError`` (one line) on any problem."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise SweepError(f"{where}: no such sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SweepError(f"{where}: not valid YAML{line}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{where}: a sweep file is a YAML mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise SweepError(f"{where}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL_KEYS)}")
+    name = raw.get("name") or path.stem
+    if not isinstance(name, str) or "/" in name:
+        raise SweepError(f"{where}: `name` must be a plain string without '/'")
+    executor = ExecutorSettings.from_mapping(raw.get("executor"), where)
+
+    base = raw.get("base")
+    if base is not None:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise SweepError(f"{where}: base experiment {base} not found (looked at {base_path})")
+        base = str(base_path.resolve())
+    common = raw.get("overrides") or {}
+    if not isinstance(common, dict):
+        raise SweepError(f"{where}: `overrides` must map dotted keys to values, e.g. trainer.max_epochs: 3")
+    combos = _expand(raw, where)
+    if not combos:
+        raise SweepError(f"{where}: the sweep expands to zero runs (an empty list in grid, zip or seeds); "
+                         "give every axis at least one value")
+
+    # Settings every run shares: where it logs and where its run dir lives, pinned to absolute paths.
+    experiment = raw.get("experiment") or name
+    common_overrides = [_as_override(k, v) for k, v in common.items()]
+    try:
+        probe = load_config(base, common_overrides)
+    except ConfigError as error:
+        raise SweepError(f"{where}: base experiment and overrides: {error}") from None
+    uri = str(probe.tracking.uri)
+    if uri == DEFAULT_TRACKING_URI and os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    uri = _absolute_sqlite(uri)
+    output_root = Path(str(probe.output.root)).resolve()
+    pinned = [
+        _as_override("tracking.uri", uri),
+        _as_override("tracking.experiment", experiment),
+        _as_override("output.root", str(output_root)),
+    ]
+
+    folder = Path(executor.log_dir).resolve() if executor.log_dir else output_root / "sweeps" / name
+    fingerprint = _fingerprint(path, base, common_overrides + pinned)
+    runs = _cached_plan(folder, fingerprint, base)
+    if runs is None:
+        runs = _validated_runs(base, combos, common_overrides, pinned, where)
+        _write_plan(folder, fingerprint, runs)
+    for run in runs:
+        _check_devices(run, executor, where)
+    return Sweep(path, name, experiment, uri, base, runs, executor, folder)
+
+
+def _validated_runs(
+    base: str | None, combos: list[dict[str, Any]], common: list[str], pinned: list[str], where: str
+) -> list[SweepRun]:
+    """Every run checked by the trainer's schema and rules, and its run key.
+
+    ``load_config`` costs ~20 ms (it builds the structured config and merges each override); a
+    10,000-run sweep instead sets each run's grid values on one loaded config (the schema still
+    type-checks every assignment) and runs the trainer's checks on the result. The first run also
+    goes through ``load_config`` itself, so the two paths are known to agree.
+    """
+    template = load_config(base, common + pinned)
+    runs: list[SweepRun] = []
+    seen: dict[str, SweepRun] = {}
+    for index, values in enumerate(combos):
+        overrides = common + [_as_override(k, v) for k, v in values.items()] + pinned
+        run = SweepRun(index, values, overrides, "", "", 0, base)
+        try:
+            for key, value in values.items():
+                OmegaConf.update(template, key, value, merge=False)
+            check_config(template)
+        except (ConfigError, OmegaConfBaseException):
+            # The trainer's own loader words the message (and resets the template for the next run).
+            try:
+                template = load_config(base, overrides)
+            except ConfigError as error:
+                raise SweepError(f"{where}: {run.label}: {error}") from None
+            raise
+        if index == 0 and run_key(load_config(base, overrides)) != run_key(template):
+            raise RuntimeError("sweep expansion disagrees with trainer.config.load_config; report this bug")
+        run.key = run_key(template)
+        run.norm = norm_spec_text(template.model.norm)
+        run.batch_size = int(template.data.batch_size)
+        run.devices, run.nodes = int(template.trainer.devices), int(template.trainer.num_nodes)
+        if run.key in seen:
+            raise SweepError(
+                f"{where}: {run.label} has the same config as {seen[run.key].label} (run key {run.key}); "
+                "remove the duplicate grid value"
+            )
+        seen[run.key] = run
+        runs.append(run)
+    return runs
+
+
+def _fingerprint(path: Path, base: str | None, overrides: list[str]) -> str:
+    """What a validated plan depends on: the sweep and base files, pinned settings, the trainer's rules."""
+    digest = hashlib.sha256()
+    digest.update(path.read_bytes())
+    if base is not None:
+        digest.update(Path(base).read_bytes())
+    digest.update(json.dumps(overrides).encode())
+    for package in (trainer.config, normlayers):
+        for source in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _cached_plan(folder: Path, fingerprint: str, base: str | None) -> list[SweepRun] | None:
+    try:
+        plan = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if plan.get("fingerprint") != fingerprint:
+        return None
+    return [SweepRun(**record, base=base) for record in plan["runs"]]
+
+
+def _write_plan(folder: Path, fingerprint: str, runs: list[SweepRun]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / "plan.json.tmp"
+    partial.write_text(json.dumps({"fingerprint": fingerprint, "runs": [run.to_record() for run in runs]}))
+    partial.replace(folder / "plan.json")
+
+
+def _check_devices(run: SweepRun, executor: ExecutorSettings, where: str) -> None:
+    """One Slurm task per device: the trainer's devices and nodes must match the executor's."""
+    devices, nodes = run.devices, run.nodes
+    if executor.kind != "slurm":
+        if devices > 1 or nodes > 1:
+            raise SweepError(
+                f"{where}: {run.label}: trainer.devices={devices} needs executor.kind: slurm "
+                f"with tasks_per_node: {devices} (one task per device)"
+            )
+        return
+    if devices != executor.tasks_per_node or nodes != executor.nodes:
+        raise SweepError(
+            f"{where}: {run.label}: trainer.devices={devices}, trainer.num_nodes={nodes} but executor has "
+            f"tasks_per_node={executor.tasks_per_node}, nodes={executor.nodes}; one Slurm task per device: "
+            "make them equal"
+        )

@@ -1,0 +1,97 @@
+"""Batch Group Normalization.
+
+Zhou, Zhou & Gao, "Batch Group Normalization", 2020 (arXiv:2012.02782, Sec. 3). The C*H*W values
+of each sample are laid out in (C, H, W) order and split into G consecutive groups of
+L = C*H*W / G values; each statistic is over the whole batch and one group:
+
+    mu_g = mean_{n, i in g} x_{n,i},   sigma_g^2 = mean_{n, i in g} (x_{n,i} - mu_g)^2
+    y = gamma_c * (x - mu_g) / sqrt(sigma_g^2 + eps) + beta_c          (c: the value's channel)
+
+so G sets how many values feed each statistic: N * C*H*W / G. G = C is BN exactly; G < C pools
+channels (useful at small batch), G > C splits channels (useful at large batch). G must divide
+C*H*W; when it does not divide C, the groups depend on H*W, so eval input must have the training
+spatial size. Running mean and unbiased variance have size G (torch's momentum convention) and
+are used in eval; the affine is per channel. The batch moments come from
+:func:`normlayers.stats.batch_moments`, so a process group synchronises them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlayers.base import NormLayer
+from normlayers.batchnorm import check_channels
+from normlayers.groupnorm import compute_dtype
+from normlayers.registry import register
+from normlayers.stats import batch_moments, unbiased, update_running
+
+
+@register("bgn", "Batch Group Normalization (Zhou et al. 2020): over the batch and one of G groups of C*H*W")
+class BatchGroupNorm(NormLayer):
+    batch_dependent = True
+
+    def __init__(
+        self,
+        num_features: int,
+        groups: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ):
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"bgn: groups must be a positive int, got {groups}")
+        self.num_features = num_features
+        self.groups = groups
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(groups))
+        self.register_buffer("running_var", torch.ones(groups))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_channels("bgn", x, self.num_features)
+        batch, values = x.shape[0], x[0].numel()
+        if values % self.groups:
+            raise ValueError(
+                f"bgn: groups={self.groups} does not divide the C*H*W={values} values of each sample "
+                f"(input shape {tuple(x.shape)}); choose groups that divide {values}, e.g. a divisor of "
+                f"num_features={self.num_features}"
+            )
+        if self.training:
+            mean, var, count = batch_moments(x.reshape(batch, self.groups, -1), [0, 2], self.process_group, who="bgn")
+            self.num_batches_tracked.add_(1)
+            update_running(self.running_mean, mean.detach(), self.momentum, self.num_batches_tracked)
+            update_running(self.running_var, unbiased(var.detach(), count), self.momentum, self.num_batches_tracked)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return self._normalize(x, mean, var)
+
+    def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        dtype = compute_dtype(x)
+        channels = self.num_features
+        # Coefficients per channel when groups hold whole channels (as in BN), else per (channel, position).
+        positions = 1 if channels % self.groups == 0 else x[0, 0].numel()
+        repeats = channels * positions // self.groups
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scale = torch.rsqrt(var.to(dtype) + self.eps).repeat_interleave(repeats).reshape(channels, positions)
+            mean = mean.to(dtype).repeat_interleave(repeats).reshape(channels, positions)
+            if self.weight is not None:
+                scale = scale * self.weight.to(dtype)[:, None]
+            shift = -mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias.to(dtype)[:, None]
+            y = torch.addcmul(shift, x.reshape(x.shape[0], channels, -1).to(dtype), scale)
+        return y.reshape(x.shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, groups={self.groups}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}")

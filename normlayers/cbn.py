@@ -1,0 +1,219 @@
+"""Cross-Iteration Batch Normalization (CBN).
+
+Yao, Cao, Zheng, Huang & Lin, "Cross-Iteration Batch Normalization", CVPR 2021 (arXiv:2002.05712),
+Sec. 3. Reference code: github.com/Howal/Cross-iterationBatchNorm (``mmdet/models/utils/CBN.py``).
+
+Layer l normalises the output of the weight layer before it, whose weights at iteration t are
+theta_t. Per channel, over the batch and positions, iteration t's statistics are the mean and the
+mean square, mu_t(theta_t) = E[x], nu_t(theta_t) = E[x^2]. Statistics of iteration t - tau were
+computed with theta_{t-tau}; a first-order Taylor expansion in the preceding layer's weights
+(the paper shows the gradients w.r.t. earlier layers are negligible) carries them to theta_t:
+
+    mu_{t-tau}(theta_t) ~ mu_{t-tau}(theta_{t-tau}) + d mu_{t-tau}/d theta_{t-tau} . (theta_t - theta_{t-tau})
+    nu_{t-tau}(theta_t) ~ nu_{t-tau}(theta_{t-tau}) + d nu_{t-tau}/d theta_{t-tau} . (theta_t - theta_{t-tau})
+
+The mean is linear in theta, so its compensation is exact; the mean square's is first order.
+Channel c of a convolution or linear layer depends only on row c of its weight (and bias), so the
+gradient of sum_c mu_c w.r.t. theta holds each channel's own gradient in row c, and the dot product
+is taken row by row. The statistics actually used average the current iteration with the last k:
+
+    mu_bar = 1/n sum_tau mu_{t-tau}(theta_t),   nu_bar = 1/n sum_tau nu_{t-tau}(theta_t),
+    sigma_bar^2 = nu_bar - mu_bar^2,            y = gamma (x - mu_bar) / sqrt(sigma_bar^2 + eps) + beta
+
+where, as in the reference code, a buffered iteration whose compensated variance nu - mu^2 is
+negative is discarded per channel and n counts the iterations kept (the paper's Eq. for nu_bar
+clamps with max(nu, mu^2) instead). The buffer is used only after a burn-in of ``burnin``
+training steps of this layer's own counter (``num_batches_tracked``); it is filled during the
+last k of them. ``k = 0`` is plain BN. ``compensate = False`` averages the raw buffered statistics
+(the paper's "naive" baseline). The buffered statistics and gradients are constants: gradients
+flow through the current iteration's statistics only.
+
+Running mean and (unbiased) variance track the current batch's statistics with torch's momentum
+convention, and eval uses them, as BN does. The buffer is training state, not model state: it is
+not saved in ``state_dict`` and refills within k steps after a resume.
+
+A model binds the preceding layer with ``layer.bind_preceding(conv)`` (a ``Conv1d/2d/3d`` or
+``Linear`` with ``num_features`` output channels). The reference is kept out of the module tree,
+so the conv's parameters are not counted twice in ``parameters()`` or ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from normlayers.base import NormLayer
+from normlayers.batchnorm import check_channels
+from normlayers.registry import register
+from normlayers.stats import affine, batch_moments, channel_shape, unbiased, update_running
+
+_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class _Iteration(NamedTuple):
+    """One buffered iteration: its statistics, their gradients and the weights they were taken at."""
+
+    mean: Tensor
+    mean_sq: Tensor
+    grad_mean: tuple[Tensor, ...]
+    grad_mean_sq: tuple[Tensor, ...]
+    params: tuple[Tensor, ...]
+
+
+def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> Tensor:
+    return sum((g * d).reshape(g.shape[0], -1).sum(1) for g, d in zip(grads, deltas, strict=True))
+
+
+@register("cbn", "Cross-Iteration BN (Yao et al. 2020): current + last k iterations, Taylor-compensated")
+class CrossIterationBatchNorm(NormLayer):
+    batch_dependent = True
+    needs_preceding_weight = True
+
+    def __init__(
+        self,
+        num_features: int,
+        k: int = 3,
+        burnin: int = 500,
+        compensate: bool = True,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ):
+        super().__init__()
+        if k < 0:
+            raise ValueError(f"cbn: k (previous iterations to use) must be >= 0, got {k}")
+        if burnin < 0:
+            raise ValueError(f"cbn: burnin (steps before the buffer is used) must be >= 0, got {burnin}")
+        if eps <= 0:
+            raise ValueError(f"cbn: eps must be > 0, got {eps}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"cbn: momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+        self.num_features = num_features
+        self.k = k
+        self.burnin = burnin
+        self.compensate = compensate
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._history: deque[_Iteration] = deque(maxlen=max(k, 1))
+        # a plain attribute, not a submodule: the conv belongs to the model, not to this layer
+        self.__dict__["_preceding"] = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, k={self.k}, burnin={self.burnin}, compensate={self.compensate}, "
+            f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        )
+
+    def bind_preceding(self, module: nn.Module) -> None:
+        if not isinstance(module, _WEIGHT_LAYERS):
+            raise ValueError(
+                f"cbn: bind_preceding needs the Conv1d/2d/3d or Linear whose output this layer normalises, "
+                f"got {type(module).__name__}"
+            )
+        if module.weight.shape[0] != self.num_features:
+            raise ValueError(
+                f"cbn: the bound {type(module).__name__} has {module.weight.shape[0]} output channels, "
+                f"this layer normalises {self.num_features}"
+            )
+        self.__dict__["_preceding"] = module
+        self._history.clear()
+
+    @property
+    def preceding(self) -> nn.Module | None:
+        return self.__dict__["_preceding"]
+
+    def _preceding_params(self) -> tuple[Tensor, ...]:
+        conv = self.preceding
+        params = [conv.weight]
+        if conv.bias is not None and conv.bias.requires_grad:
+            params.append(conv.bias)
+        return tuple(params)
+
+    def compensated_history(self) -> list[tuple[Tensor, Tensor]]:
+        """The buffered iterations' (mean, mean square) per channel, carried to the current weights
+        (newest first); with ``compensate=False``, as they were recorded."""
+        if not self._history:
+            return []
+        now = tuple(p.detach().float() for p in self._preceding_params())
+        out = []
+        for it in self._history:
+            if not self.compensate:
+                out.append((it.mean, it.mean_sq))
+                continue
+            deltas = tuple(n - p for n, p in zip(now, it.params, strict=True))
+            out.append((it.mean + _per_channel_dot(it.grad_mean, deltas),
+                        it.mean_sq + _per_channel_dot(it.grad_mean_sq, deltas)))
+        return out
+
+    def _record(self, mean: Tensor, mean_sq: Tensor) -> None:
+        params = self._preceding_params()
+        ones = torch.ones_like(mean)
+        # sum over channels of mu_c: row c of the gradient is d mu_c / d theta_c (see the docstring)
+        grad_mean = torch.autograd.grad(mean, params, ones, retain_graph=True, allow_unused=True)
+        grad_mean_sq = torch.autograd.grad(mean_sq, params, ones, retain_graph=True, allow_unused=True)
+        if any(g is None for g in grad_mean + grad_mean_sq):
+            raise ValueError(
+                "cbn: the input does not depend on the bound layer's weight; call bind_preceding with the "
+                "layer whose output this layer normalises"
+            )
+        self._history.appendleft(_Iteration(
+            mean.detach(), mean_sq.detach(),
+            tuple(g.detach().float() for g in grad_mean), tuple(g.detach().float() for g in grad_mean_sq),
+            tuple(p.detach().float().clone() for p in params),
+        ))
+
+    def _combine(self, batch_mean: Tensor, batch_mean_sq: Tensor) -> tuple[Tensor, Tensor]:
+        """mu_bar and sigma_bar^2 over the current and the buffered iterations with valid variance."""
+        mean_sum, mean_sq_sum, kept = batch_mean, batch_mean_sq, torch.ones_like(batch_mean)
+        for old_mean, old_mean_sq in self.compensated_history():
+            valid = (old_mean_sq - old_mean * old_mean >= 0).float()
+            mean_sum = mean_sum + old_mean * valid
+            mean_sq_sum = mean_sq_sum + old_mean_sq * valid
+            kept = kept + valid
+        mean = mean_sum / kept
+        return mean, (mean_sq_sum / kept - mean * mean).clamp_min(0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_channels("cbn", x, self.num_features)
+        shape = channel_shape(x)
+        if not self.training:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                y = (x.float() - self.running_mean.reshape(shape)) * torch.rsqrt(
+                    self.running_var.reshape(shape) + self.eps)
+                return affine(y, self.weight, self.bias).to(x.dtype)
+
+        dims = [0, *range(2, x.dim())]
+        mean, var, count = batch_moments(x, dims, self.process_group, who="cbn")
+        self.num_batches_tracked.add_(1)
+        update_running(self.running_mean, mean, self.momentum, self.num_batches_tracked)
+        update_running(self.running_var, unbiased(var, count), self.momentum, self.num_batches_tracked)
+
+        step = int(self.num_batches_tracked.item())
+        conv = self.preceding
+        cross_iteration = (
+            self.k > 0 and conv is not None and torch.is_grad_enabled() and x.requires_grad
+            and conv.weight.requires_grad
+        )
+        if cross_iteration:
+            batch_mean, batch_mean_sq = mean, var + mean * mean
+            if step > self.burnin and self._history:
+                mean, var = self._combine(batch_mean, batch_mean_sq)
+            if step + self.k > self.burnin:
+                self._record(batch_mean, batch_mean_sq)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = (x.float() - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+            y = affine(y, self.weight, self.bias)
+        return y.to(x.dtype)

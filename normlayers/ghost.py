@@ -1,0 +1,115 @@
+"""Ghost Batch Normalization.
+
+Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in
+large batch training of neural networks", NeurIPS 2017 (Sec. 4, Algorithm 1). The batch of N
+samples is split into N / v consecutive "ghost" batches of ``virtual_batch`` = v samples, and
+each is batch-normalized with its own statistics. For ghost batch k and channel c:
+
+    mu_{k,c} = mean_{n in k, h, w} x,   sigma_{k,c}^2 = mean_{n in k, h, w} (x - mu_{k,c})^2
+    y = gamma_c * (x - mu_{k,c}) / sqrt(sigma_{k,c}^2 + eps) + beta_c
+
+v = N is plain BN. Eval uses the running statistics, like BN. The running mean and unbiased
+variance are updated once per ghost batch, in order, with ``momentum / (N / v)`` as composer's
+GhostBatchNorm does, so a step moves them about as far as one BN step would. The K sequential
+updates are applied in closed form: weight a(1-a)^(K-1-k) for ghost batch k, a = momentum / K.
+``momentum=None`` keeps torch's cumulative average over steps, of the ghost batches' mean.
+
+Synchronised (``process_group`` set, see :func:`normlayers.convert_sync`): the statistics of ghost
+batch k are over ghost batch k of every rank combined: one all-reduce of the per-(ghost batch,
+channel) sums in :func:`normlayers.stats.batch_moments`. With R ranks a ghost batch therefore
+holds R * v samples, and every rank must bring the same number of ghost batches (the same local
+batch size). In training ``virtual_batch`` must divide the local batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlayers.base import NormLayer
+from normlayers.batchnorm import check_channels
+from normlayers.groupnorm import compute_dtype
+from normlayers.registry import register
+from normlayers.stats import batch_moments, unbiased, update_running
+
+
+@register("ghost", "Ghost Batch Normalization (Hoffer et al. 2017): BN over virtual batches; NC or NCHW")
+class GhostBatchNorm(NormLayer):
+    batch_dependent = True
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ):
+        super().__init__()
+        if virtual_batch < 1:
+            raise ValueError(f"ghost: virtual_batch must be a positive number of samples, got {virtual_batch}")
+        self.num_features = num_features
+        self.virtual_batch = virtual_batch
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_channels("ghost", x, self.num_features)
+        if not self.training:
+            return self._normalize(x.unsqueeze(0), self.running_mean[None], self.running_var[None]).squeeze(0)
+        batch = x.shape[0]
+        if batch % self.virtual_batch:
+            raise ValueError(
+                f"ghost: virtual_batch={self.virtual_batch} does not divide the batch of {batch} samples; "
+                f"use a batch size that is a multiple of {self.virtual_batch} or a virtual_batch that divides {batch}"
+            )
+        chunks = batch // self.virtual_batch
+        ghosts = x.reshape(chunks, self.virtual_batch, *x.shape[1:])
+        mean, var, count = batch_moments(ghosts, [1, *range(3, ghosts.dim())], self.process_group, who="ghost")
+        self._update_running(mean.detach(), unbiased(var.detach(), count), chunks)
+        return self._normalize(ghosts, mean, var).reshape(x.shape)
+
+    def _normalize(self, ghosts: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """``ghosts`` is (K, v, C, ...), ``mean`` and ``var`` are (K, C)."""
+        dtype = compute_dtype(ghosts)
+        shape = [ghosts.shape[0], 1, self.num_features] + [1] * (ghosts.dim() - 3)
+        with torch.autocast(device_type=ghosts.device.type, enabled=False):
+            scale = torch.rsqrt(var.to(dtype) + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight.to(dtype)
+            shift = -mean.to(dtype) * scale
+            if self.bias is not None:
+                shift = shift + self.bias.to(dtype)
+            y = torch.addcmul(shift.reshape(shape), ghosts.to(dtype), scale.reshape(shape))
+        return y.to(ghosts.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, chunks: int) -> None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            update_running(self.running_mean, mean.mean(0), None, self.num_batches_tracked)
+            update_running(self.running_var, var.mean(0), None, self.num_batches_tracked)
+            return
+        per_chunk = self.momentum / chunks
+        effective = 1.0 - (1.0 - per_chunk) ** chunks
+        if effective == 0.0:
+            return
+        # after K updates running = (1-a)^K running + sum_k a(1-a)^(K-1-k) stat_k; as one lerp:
+        exponents = torch.arange(chunks - 1, -1, -1, device=mean.device, dtype=mean.dtype)
+        weights = per_chunk * (1.0 - per_chunk) ** exponents / effective
+        update_running(self.running_mean, weights @ mean, effective, self.num_batches_tracked)
+        update_running(self.running_var, weights @ var, effective, self.num_batches_tracked)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, virtual_batch={self.virtual_batch}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}")

@@ -1,0 +1,55 @@
+"""The Independent-Component (IC) layer: Batch Normalization followed by Dropout.
+
+Chen, Chen, Zhang, Sun & Zhang, "Rethinking the Usage of Batch Normalization and Dropout in the
+Training of Deep Neural Networks", arXiv:1905.05928 (2019), Sec. 3. BN whitens the features'
+first two moments and Dropout, with independent Bernoulli masks, reduces their mutual information
+(the paper's Eq. 3 bounds the correlation of two IC outputs by (1-p)^2 times that of their inputs),
+so that the inputs of the next weight layer are closer to independent components:
+
+    x_hat = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta              (BN)
+    y = m * x_hat / (1 - p),   m ~ Bernoulli(1 - p) element-wise            (Dropout, training only)
+
+The IC layer goes *before* the weight layer: ... -> ReLU -> IC -> Conv -> ... (the paper's Fig. 2),
+which the models build with their IC ordering option. ``drop`` is p; the paper's ResNet experiments
+use small rates (0.05 by default here; check Sec. 4 of the paper for the value per experiment).
+Eval uses BN's running statistics and no dropout. The BN part is
+:class:`normlayers.batchnorm.BatchNorm`, so its statistics go through
+:func:`normlayers.stats.batch_moments` when synchronised; ``state_dict`` keys are BN's.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from normlayers.batchnorm import BatchNorm, check_channels
+from normlayers.registry import register
+from normlayers.stats import single_value_error
+
+
+@register("ic", "Independent-Component layer (Chen et al. 2019): BN then Dropout, placed before the weight layer")
+class IndependentComponent(BatchNorm):
+    def __init__(
+        self,
+        num_features: int,
+        drop: float = 0.05,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ):
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"ic: drop (the dropout probability) must be in [0, 1), got {drop}")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        self.drop = drop
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, drop={self.drop}"
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        check_channels("ic", x, self.num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if self.training and x.numel() // x.shape[1] <= 1:
+            raise single_value_error("ic", x)
+        return F.dropout(super().forward(x), p=self.drop, training=self.training)

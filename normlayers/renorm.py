@@ -1,0 +1,124 @@
+"""Batch Renormalization.
+
+Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models",
+NeurIPS 2017 (Algorithm 1). Per channel, with the batch moments over (N, H, W) and the running
+mean mu and running standard deviation sigma:
+
+    mu_B = mean x,   sigma_B = sqrt(mean (x - mu_B)^2 + eps)
+    r = stop_gradient(clip(sigma_B / sigma, 1/r_max, r_max))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+    mu <- mu + momentum * (mu_B - mu),   sigma <- sigma + momentum * (sigma_B - sigma)
+
+and in eval y = gamma * (x - mu) / sigma + beta. r = 1, d = 0 is BN. The running statistics are
+the mean and the *standard deviation* (moving average of sigma_B, eps included, as in the
+algorithm), with torch's momentum convention (``momentum=None``: cumulative average).
+
+Schedule (Sec. 4 of the paper): plain BN (r_max = 1, d_max = 0) for the first ``warmup_steps``
+training steps, then the limits grow linearly to reach ``r_max`` at step ``r_max_steps`` and
+``d_max`` at ``d_max_steps`` (paper: 5k, 40k and 25k steps, r_max = 3, d_max = 5). The step is the
+layer's own ``num_batches_tracked`` buffer (one per training forward), so the schedule survives a
+``state_dict`` round trip and needs no trainer hook; it is evaluated on the device (no sync).
+The batch moments come from :func:`normlayers.stats.batch_moments`, so a process group
+synchronises them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlayers.base import NormLayer
+from normlayers.batchnorm import check_channels
+from normlayers.groupnorm import compute_dtype
+from normlayers.registry import register
+from normlayers.stats import batch_moments, channel_shape, update_running
+
+
+@register("brn", "Batch Renormalization (Ioffe 2017): r_max/d_max with warm-up schedule, running mean and std")
+class BatchRenorm(NormLayer):
+    batch_dependent = True
+
+    def __init__(
+        self,
+        num_features: int,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_max_steps: int = 40000,
+        d_max_steps: int = 25000,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ):
+        super().__init__()
+        if r_max < 1.0 or d_max < 0.0:
+            raise ValueError(f"brn: need r_max >= 1 and d_max >= 0 (1 and 0 are plain BN), got r_max={r_max}, "
+                             f"d_max={d_max}")
+        if min(warmup_steps, r_max_steps, d_max_steps) < 0:
+            raise ValueError(f"brn: step counts must be >= 0, got warmup_steps={warmup_steps}, "
+                             f"r_max_steps={r_max_steps}, d_max_steps={d_max_steps}")
+        self.num_features = num_features
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _progress(self, end: int) -> Tensor:
+        """0 until the warm-up ends, then linear to 1 at step ``end`` (a tensor: no host sync)."""
+        step = self.num_batches_tracked.float()
+        if end <= self.warmup_steps:
+            return (step >= self.warmup_steps).float()
+        return ((step - self.warmup_steps) / (end - self.warmup_steps)).clamp(0.0, 1.0)
+
+    def limits(self) -> tuple[Tensor, Tensor]:
+        """The current (r_max, d_max) of the schedule."""
+        r_limit = 1.0 + (self.r_max - 1.0) * self._progress(self.r_max_steps)
+        d_limit = self.d_max * self._progress(self.d_max_steps)
+        return r_limit, d_limit
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_channels("brn", x, self.num_features)
+        dtype = compute_dtype(x)
+        if not self.training:
+            mean, scale = self.running_mean.to(dtype), 1.0 / self.running_std.to(dtype)
+            offset = None
+        else:
+            batch_mean, batch_var, _ = batch_moments(x, [0, *range(2, x.dim())], self.process_group, who="brn")
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                batch_std = torch.sqrt(batch_var + self.eps)
+                with torch.no_grad():
+                    r_limit, d_limit = self.limits()
+                    r = (batch_std / self.running_std).clamp(1.0 / r_limit, r_limit)
+                    offset = ((batch_mean - self.running_mean) / self.running_std).clamp(-d_limit, d_limit)
+                    self.num_batches_tracked.add_(1)
+                    update_running(self.running_mean, batch_mean, self.momentum, self.num_batches_tracked)
+                    update_running(self.running_std, batch_std, self.momentum, self.num_batches_tracked)
+                mean, scale = batch_mean.to(dtype), r.to(dtype) / batch_std.to(dtype)
+                offset = offset.to(dtype)
+        # y = gamma * ((x - mean) * scale + d) + beta, folded into one multiply-add per element
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            shift = -mean * scale if offset is None else offset - mean * scale
+            if self.weight is not None:
+                scale = scale * self.weight.to(dtype)
+                shift = shift * self.weight.to(dtype)
+            if self.bias is not None:
+                shift = shift + self.bias.to(dtype)
+            shape = channel_shape(x)
+            y = torch.addcmul(shift.reshape(shape), x.to(dtype), scale.reshape(shape))
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}")

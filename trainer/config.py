@@ -1,0 +1,339 @@
+"""The experiment schema: dataclasses turned into an OmegaConf structured config.
+
+``load_config(experiment_yaml, overrides)`` merges the schema defaults (the embedded default
+experiment: ResNet-20 with ``bn`` on scikit-learn's digits), an optional experiment YAML and
+OmegaConf dot-list overrides (``model.norm=gn:groups=8``), then checks every value. Any mistake
+raises :class:`ConfigError`, whose text is one line naming the key and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import normlayers
+from trainer.models import DEFAULT_WIDTH
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class ConfigError(ValueError):
+    """A configuration (or data path) mistake; ``str()`` is one line naming the key and the problem."""
+
+
+def _opt(default: Any, help_: str) -> Any:
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: dataclasses.replace(value) if dataclasses.is_dataclass(value)
+                     else type(value)(value), metadata={"help": help_})
+    return field(default=default, metadata={"help": help_})
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("cifar_resnet", "cifar_resnet | cifar_preact_resnet | resnet | plain_cnn | mlp")
+    depth: int = _opt(20, "cifar_*: 6n+2 (20, 32, 44, 56, 110); resnet: 18, 34, 50, 101, 152; "
+                          "plain_cnn: conv layers; mlp: hidden layers")
+    width: int | None = _opt(None, "base width; null = the arch's own (cifar 16, resnet 64, plain_cnn 32, mlp 256)")
+    norm: Any = _opt("bn", "normalization spec for every norm site: 'bn', 'gn:groups=8' or {name: gn, groups: 8}")
+    norm_placement: str = _opt("all", "all | final (only before the classifier, Bjorck et al. 2018) | none")
+    norm_init_scale: float = _opt(1.0, "initial scale (gamma) of every norm layer that has one")
+
+
+@dataclass
+class SyntheticConfig:
+    samples: int = _opt(1024, "number of synthetic images (train + val)")
+    image_size: int = _opt(16, "synthetic image height and width")
+    channels: int = _opt(3, "synthetic image channels")
+    classes: int = _opt(10, "number of synthetic classes")
+
+
+@dataclass
+class DataConfig:
+    name: str = _opt("digits", "digits | cifar10 | cifar100 | synthetic")
+    path: str | None = _opt(None, "cifar10/cifar100: the directory holding the python-pickle batches")
+    batch_size: int = _opt(64, "per-device batch size: what the norm layers see")
+    val_batch_size: int = _opt(256, "per-device validation batch size")
+    augment: bool = _opt(True, "random crop (and flip where it makes sense) on the device")
+    crop_padding: int | None = _opt(None, "crop padding in pixels; null = dataset default (digits 1, else 4)")
+    hflip: bool | None = _opt(None, "random horizontal flip; null = dataset default (digits no, else yes)")
+    val_split: float = _opt(0.2, "fraction of the training set held out for validation; "
+                                 "0 = validate on the dataset's test split (cifar)")
+    synthetic: SyntheticConfig = _opt(SyntheticConfig(), "synthetic data shape")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(0.1, "SGD learning rate (at base_batch_size when lr_scaling=linear)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "weight decay; never applied to norm parameters or biases")
+    warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs")
+    schedule: str = _opt("cosine", "cosine | step | constant (after warm-up)")
+    step_milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr drops")
+    step_gamma: float = _opt(0.1, "step schedule: factor at each milestone")
+    lr_scaling: str = _opt("none", "none | linear (lr * global_batch / base_batch_size, Goyal et al. 2017)")
+    base_batch_size: int = _opt(128, "global batch size the lr is given for under lr_scaling=linear")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = _opt(15, "epochs to train")
+    max_steps: int = _opt(-1, "optimizer steps to train (-1: max_epochs decides)")
+    accelerator: str = _opt("auto", "cpu | gpu | cuda | auto")
+    devices: int = _opt(1, "devices per node (DDP when devices * num_nodes > 1)")
+    num_nodes: int = _opt(1, "nodes")
+    strategy: str = _opt("auto", "Lightning strategy: auto | ddp | ddp_spawn ...")
+    precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
+    deterministic: bool = _opt(False, "deterministic algorithms (a resumed run then equals an uninterrupted one)")
+    sync_norm: bool = _opt(False, "synchronise batch statistics of every batch-dependent norm across devices")
+    channels_last: bool = _opt(False, "channels-last memory format")
+    compile: bool = _opt(False, "torch.compile the model")
+    check_val_every_n_epoch: int = _opt(1, "validate every N epochs")
+    limit_train_batches: float | int = _opt(1.0, "fraction (float) or number (int) of training batches per epoch")
+    limit_val_batches: float | int = _opt(1.0, "fraction (float) or number (int) of validation batches")
+    log_every_n_steps: int = _opt(10, "how often step metrics (lr) are logged")
+    gradient_clip_val: float | None = _opt(None, "clip gradients to this global norm (null: no clipping)")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = _opt(DEFAULT_TRACKING_URI, "MLflow tracking URI (env MLFLOW_TRACKING_URI wins while this is default)")
+    experiment: str = _opt("normlab", "MLflow experiment name")
+    run_name: str | None = _opt(None, "MLflow run name (null: MLflow picks one)")
+    tags: dict[str, str] = _opt({}, "extra MLflow tags")
+    log_checkpoints: bool = _opt(False, "log the last checkpoint as an MLflow artifact")
+
+
+@dataclass
+class ProbesConfig:
+    every_n_steps: int = _opt(25, "log per-layer activation mean/std and gradient norm every N steps (0: off)")
+    activations: bool = _opt(True, "probe activation mean/std")
+    gradients: bool = _opt(True, "probe weight-gradient norms")
+    divergence_factor: float = _opt(10.0, "stop as diverged when the loss exceeds this multiple of its first "
+                                          "value (0: only NaN/inf)")
+
+
+@dataclass
+class OutputConfig:
+    root: str = _opt("runs", "run directories go to <root>/<run_key>")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = _opt(0, "random seed (model init, data order, augmentation)")
+    model: ModelConfig = _opt(ModelConfig(), "")
+    data: DataConfig = _opt(DataConfig(), "")
+    optim: OptimConfig = _opt(OptimConfig(), "")
+    trainer: TrainerConfig = _opt(TrainerConfig(), "")
+    tracking: TrackingConfig = _opt(TrackingConfig(), "")
+    probes: ProbesConfig = _opt(ProbesConfig(), "")
+    output: OutputConfig = _opt(OutputConfig(), "")
+
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+    "cifar100": ("cifar-100-python", ["train", "test"]),
+}
+CHOICES = {
+    "model.arch": tuple(DEFAULT_WIDTH),
+    "model.norm_placement": ("all", "final", "none"),
+    "data.name": DATASETS,
+    "optim.schedule": ("cosine", "step", "constant"),
+    "optim.lr_scaling": ("none", "linear"),
+    "trainer.precision": ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
+}
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "config"
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0].strip()
+    if msg.startswith("Key ") and " not in " in msg:
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.structured(ExperimentConfig)
+        valid = OmegaConf.select(node, parent) if parent else node
+        names = ", ".join(valid.keys()) if isinstance(valid, DictConfig) else ""
+        return f"{key}: unknown key" + (f"; valid keys{' under ' + parent if parent else ''}: {names}" if names else "")
+    msg = msg.replace("could not be converted to Integer", "is not an int").replace(
+        "could not be converted to Float", "is not a float").replace(
+        "is not a valid bool", "is not a bool (true/false)")
+    return f"{key}: {msg}"
+
+
+def cifar_dir(name: str, path: str) -> Path:
+    """The directory holding the batches: ``path`` itself or its standard subdirectory."""
+    sub, _ = CIFAR_FILES[name]
+    p = Path(path).expanduser()
+    return p / sub if (p / sub).is_dir() else p
+
+
+def width_of(model: DictConfig) -> int:
+    return model.width if model.width is not None else DEFAULT_WIDTH[model.arch]
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    if m.arch.startswith("cifar_") and (m.depth < 8 or (m.depth - 2) % 6):
+        raise ConfigError(f"model.depth: {m.arch} needs depth 6n+2 (8, 14, 20, 32, 44, 56, 110 ...), got {m.depth}")
+    if m.arch == "resnet" and m.depth not in RESNET_DEPTHS:
+        raise ConfigError(f"model.depth: resnet needs one of {', '.join(map(str, RESNET_DEPTHS))}, got {m.depth}")
+    if m.arch in ("plain_cnn", "mlp") and m.depth < 1:
+        raise ConfigError(f"model.depth: {m.arch} needs at least 1 layer, got {m.depth}")
+    if m.width is not None and m.width < 1:
+        raise ConfigError(f"model.width: must be positive, got {m.width}")
+    spec = OmegaConf.to_container(m.norm) if isinstance(m.norm, DictConfig) else m.norm
+    try:
+        normlayers.build_norm(spec, width_of(m))
+    except ValueError as e:
+        raise ConfigError(f"model.norm: {e}") from None
+    positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size,
+                "optim.base_batch_size": o.base_batch_size, "trainer.devices": t.devices,
+                "trainer.num_nodes": t.num_nodes, "trainer.check_val_every_n_epoch": t.check_val_every_n_epoch}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be a positive int, got {value}")
+    if not 0.0 <= d.val_split < 1.0:
+        raise ConfigError(f"data.val_split: must be in [0, 1), got {d.val_split}")
+    if d.crop_padding is not None and d.crop_padding < 0:
+        raise ConfigError(f"data.crop_padding: must be >= 0, got {d.crop_padding}")
+    if d.name == "digits" and d.val_split == 0:
+        raise ConfigError("data.val_split: digits has no separate test split; use a fraction in (0, 1)")
+    if d.name == "synthetic" and d.val_split == 0:
+        raise ConfigError("data.val_split: synthetic data has no separate test split; use a fraction in (0, 1)")
+    if d.name in CIFAR_FILES:
+        sub, files = CIFAR_FILES[d.name]
+        if not d.path:
+            raise ConfigError(f"data.path: {d.name} needs the directory of its python-pickle batches ({sub}); "
+                              f"download the python version from https://www.cs.toronto.edu/~kriz/cifar.html")
+        if not Path(d.path).expanduser().is_dir():
+            raise ConfigError(f"data.path: {d.path} does not exist (expected the {d.name} python batches, {sub}/)")
+        where = cifar_dir(d.name, d.path)
+        missing = [f for f in files if not (where / f).is_file()]
+        if missing:
+            raise ConfigError(f"data.path: {where} has no {', '.join(missing)}; expected the {d.name} python "
+                              f"version ({sub}/ with {', '.join(files)})")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {o.lr}")
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"optim.momentum: must be in [0, 1), got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov: Nesterov needs optim.momentum > 0")
+    if o.weight_decay < 0 or o.warmup_epochs < 0:
+        raise ConfigError("optim.weight_decay and optim.warmup_epochs must be >= 0")
+    if any(not 0.0 < f < 1.0 for f in o.step_milestones):
+        raise ConfigError(f"optim.step_milestones: fractions of training in (0, 1), got {list(o.step_milestones)}")
+    if t.max_epochs < 1 and t.max_steps < 1:
+        raise ConfigError("trainer.max_epochs: give max_epochs >= 1 or max_steps >= 1")
+    if cfg.probes.every_n_steps < 0 or cfg.probes.divergence_factor < 0:
+        raise ConfigError("probes.every_n_steps and probes.divergence_factor must be >= 0")
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{_one_line(e)} (in {where})") from None
+
+
+def validated(cfg: Any) -> DictConfig:
+    """A full, checked config from a DictConfig or plain mapping (e.g. from a checkpoint or a sweep)."""
+    merged = _merge(OmegaConf.structured(ExperimentConfig), cfg, "config")
+    _validate(merged)
+    return merged
+
+
+def load_config(experiment_yaml: str | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults, then the experiment YAML (if any), then ``key=value`` overrides; checked.
+
+    Raises :class:`ConfigError` (one line: key and problem) on an unknown key, a wrong type, a
+    bad norm spec, an invalid choice or a missing data path.
+    """
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if experiment_yaml is not None:
+        path = Path(experiment_yaml)
+        if not path.is_file():
+            raise ConfigError(f"{experiment_yaml}: experiment file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml's own errors span lines; keep the first
+            raise ConfigError(f"{experiment_yaml}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{experiment_yaml}: must be a mapping of config keys")
+        cfg = _merge(cfg, loaded, experiment_yaml)
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{item}: overrides are key=value, e.g. model.norm=gn:groups=8")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}: {_one_line(e)}") from None
+        cfg = _merge(cfg, dot, "overrides")
+    _validate(cfg)
+    return cfg
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """12-hex stable hash of the resolved config without its ``tracking`` and ``output`` sections."""
+    body = {k: v for k, v in resolved(cfg).items() if k not in ("tracking", "output")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as ``{"model.norm": ..., "data.batch_size": ...}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and not (prefix == "model.norm"):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = norm_spec_text(node) if prefix == "model.norm" else node
+
+    walk("", resolved(cfg))
+    return out
+
+
+def norm_spec_text(spec: Any) -> str:
+    """A spec as one string: mappings become ``name:key=value,...``."""
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec)
+    if isinstance(spec, dict):
+        opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+        return f"{spec.get('name')}{':' + opts if opts else ''}"
+    return str(spec)
+
+
+def help_text() -> str:
+    """Every key with its default and meaning (``normlab train --help``)."""
+    lines: list[str] = []
+
+    def walk(prefix: str, cls: type) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                walk(f"{key}.", type(default))
+                continue
+            text = json.dumps(default) if not isinstance(default, str) else default
+            lines.append(f"  {key + '=' + text:42s} {f.metadata.get('help', '')}")
+
+    walk("", ExperimentConfig)
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Models with a pluggable normalization layer at every norm site.
+
+``build_model(model_cfg, num_classes, in_channels, image_size)`` builds ``model.arch``:
+``cifar_resnet`` / ``cifar_preact_resnet`` (He et al. 2016, depth 6n+2), ``resnet``
+(ImageNet-style, depth 18/34/50/101/152), ``plain_cnn`` and ``mlp`` (depth studies). Every norm
+site uses ``model.norm`` under ``model.norm_placement`` (see :mod:`trainer.models.norms`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from trainer.models.cifar_resnet import CifarResNet
+from trainer.models.norms import NormSites
+from trainer.models.plain import MLP, PlainCNN
+from trainer.models.resnet import ResNet
+
+DEFAULT_WIDTH = {"cifar_resnet": 16, "cifar_preact_resnet": 16, "resnet": 64, "plain_cnn": 32, "mlp": 256}
+
+
+def build_model(model_cfg: Any, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The network ``model_cfg`` (the config's ``model`` section) describes."""
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    arch, depth = model_cfg["arch"], model_cfg["depth"]
+    if arch not in DEFAULT_WIDTH:
+        raise ValueError(f"unknown model.arch {arch!r}; choose from {', '.join(DEFAULT_WIDTH)}")
+    width = model_cfg.get("width") or DEFAULT_WIDTH[arch]
+    norms = NormSites(model_cfg.get("norm", "bn"), model_cfg.get("norm_placement", "all"),
+                      float(model_cfg.get("norm_init_scale", 1.0)))
+    if arch in ("cifar_resnet", "cifar_preact_resnet"):
+        return CifarResNet(depth, num_classes, in_channels, width, norms, preact=arch == "cifar_preact_resnet")
+    if arch == "resnet":
+        return ResNet(depth, num_classes, in_channels, width, norms)
+    if arch == "plain_cnn":
+        return PlainCNN(depth, num_classes, in_channels, width, norms)
+    return MLP(depth, num_classes, in_channels * image_size * image_size, width, norms)
+
+
+def probed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The weight layers (conv, linear) in depth order, named ``NNN_<module.path>``."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [(f"{i:03d}_{name}", m) for i, (name, m) in enumerate(layers)]
+
+
+__all__ = ["CifarResNet", "MLP", "NormSites", "PlainCNN", "ResNet", "build_model", "probed_layers"]

@@ -1,0 +1,103 @@
+"""ImageNet-style ResNets (18, 34, 50, 101, 152).
+
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, table 1: a 7x7 stride-2
+conv stem with 3x3 max pooling, four stages of basic (18, 34) or bottleneck (50+) blocks with
+64, 128, 256, 512 base filters, stride 2 at the first block of stages 2-4, projection shortcuts
+(1x1 conv + norm) where the shape changes, global average pooling and a linear classifier.
+Post-activation blocks as in the paper (stride on the 3x3 conv of the bottleneck, as in
+torchvision's "ResNet v1.5").
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from trainer.models.norms import NormSites, activation_after, init_weights
+
+LAYOUT = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+          101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+
+
+class Projection(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norms: NormSites):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+        self.norm = norms.inner(cout, self.conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x))
+
+
+def _shortcut(cin: int, cout: int, stride: int, norms: NormSites) -> nn.Module:
+    return Projection(cin, cout, stride, norms) if stride != 1 or cin != cout else nn.Identity()
+
+
+class Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, mid: int, stride: int, norms: NormSites):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norms.inner(mid, self.conv1)
+        self.act1 = activation_after(self.norm1)
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+        self.norm2 = norms.inner(mid, self.conv2)
+        self.act2 = activation_after(self.norm2)
+        self.shortcut = _shortcut(cin, mid, stride, norms)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.norm1(self.conv1(x)))
+        return self.act2(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, mid: int, stride: int, norms: NormSites):
+        super().__init__()
+        cout = mid * self.expansion
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.norm1 = norms.inner(mid, self.conv1)
+        self.act1 = activation_after(self.norm1)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = norms.inner(mid, self.conv2)
+        self.act2 = activation_after(self.norm2)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.norm3 = norms.inner(cout, self.conv3)
+        self.act3 = activation_after(self.norm3)
+        self.shortcut = _shortcut(cin, cout, stride, norms)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.norm1(self.conv1(x)))
+        out = self.act2(self.norm2(self.conv2(out)))
+        return self.act3(self.norm3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites):
+        super().__init__()
+        if depth not in LAYOUT:
+            raise ValueError(f"ResNet depth must be one of {', '.join(map(str, LAYOUT))}, got {depth}")
+        kind, counts = LAYOUT[depth]
+        block = Basic if kind == "basic" else Bottleneck
+        self.stem = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.stem_norm = norms.inner(width, self.stem)
+        self.stem_act = activation_after(self.stem_norm)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        blocks: list[nn.Module] = []
+        cin = width
+        for stage, count in enumerate(counts):
+            mid = width * 2**stage
+            for i in range(count):
+                blocks.append(block(cin, mid, 2 if stage > 0 and i == 0 else 1, norms))
+                cin = mid * block.expansion
+        self.blocks = nn.Sequential(*blocks)
+        last_conv = blocks[-1].conv3 if kind == "bottleneck" else blocks[-1].conv2
+        self.final_norm = norms.added_final(cin, last_conv)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.stem_act(self.stem_norm(self.stem(x))))
+        x = self.final_norm(self.blocks(x))
+        return self.fc(x.mean(dim=(2, 3)))

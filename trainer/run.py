@@ -1,0 +1,210 @@
+"""One tracked, resumable training run: ``train(cfg) -> RunResult``.
+
+The run directory is ``<output.root>/<run_key>``; it holds ``config.yaml`` (resolved),
+``checkpoints/last.ckpt`` (written at every epoch end), ``mlflow_run_id`` and, once the run is
+over, ``result.json``. Calling ``train`` again with the same config resumes from ``last.ckpt``
+into the same MLflow run, or returns the recorded result when the run is already over (delete
+the run directory to train it again). Under DDP only global rank 0 touches MLflow and the run
+directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LayerProbe
+from trainer.config import DEFAULT_TRACKING_URI, ConfigError, flatten, norm_spec_text, run_key, validated
+from trainer.data import build_datamodule
+from trainer.module import NormClassifier, effective_lr
+
+CHECKPOINT = "last.ckpt"
+
+
+@dataclass
+class RunResult:
+    run_id: str | None  # None on ranks other than 0
+    run_key: str
+    status: str  # "finished" | "diverged"
+    metrics: dict[str, float]
+    run_dir: str
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """``cfg.tracking.uri``, or env ``MLFLOW_TRACKING_URI`` while the config keeps the default."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env and cfg.tracking.uri == DEFAULT_TRACKING_URI else cfg.tracking.uri
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """Get or create the experiment; tolerate a concurrent run creating it first."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _previous_run_id(run_dir: Path, client: MlflowClient) -> str | None:
+    path = run_dir / "mlflow_run_id"
+    if not path.is_file():
+        return None
+    run_id = path.read_text().strip()
+    try:
+        client.get_run(run_id)
+    except Exception:
+        print(f"normlab train: MLflow run {run_id} of {run_dir} is gone; starting a new MLflow run", file=sys.stderr)
+        return None
+    return run_id
+
+
+def _preflight(module: NormClassifier, batch: torch.Tensor) -> None:
+    """One training-mode forward of a per-device batch on a copy, so that a norm that cannot handle
+    this batch or shape fails here, as a config error, before anything is logged."""
+    probe = copy.deepcopy(module.model).train()
+    try:
+        with torch.no_grad():
+            probe(batch)
+    except ValueError as e:
+        raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> RunResult:
+    """Train (or resume, or look up) the run ``cfg`` describes; ``callbacks`` are added to the Trainer.
+
+    Raises :class:`~trainer.config.ConfigError` for a config that cannot run (unusable data, a norm
+    that does not fit the model or batch) before creating any MLflow run or file.
+    """
+    cfg = validated(cfg)
+    key = run_key(cfg)
+    run_dir = Path(cfg.output.root) / key
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        recorded = RunResult(**json.loads(result_file.read_text()))
+        print(f"normlab train: run {key} is already {recorded.status} (MLflow run {recorded.run_id}); "
+              f"delete {run_dir} to train it again", file=sys.stderr)
+        return recorded
+
+    interactive = sys.stdout.isatty()
+    if not interactive:
+        _quiet_lightning()
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    datamodule = build_datamodule(cfg)
+    datamodule.load()
+    try:
+        module = NormClassifier(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
+    except ValueError as e:
+        raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    guard = DivergenceGuard(cfg.probes.divergence_factor)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=Path(CHECKPOINT).stem, save_top_k=1,
+                                 every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    all_callbacks: list[Callback] = [checkpoint, guard, EpochSeeding(cfg.seed),
+                                     LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
+                                                cfg.probes.gradients)]
+    if not interactive:
+        all_callbacks.append(EpochLines())
+    all_callbacks += callbacks or []
+    plugins = []
+    if cfg.trainer.sync_norm:
+        try:
+            from trainer.norm_sync import NormSyncPlugin  # engineer E's LayerSync plugin; optional module
+        except ImportError as e:
+            raise ConfigError(f"trainer.sync_norm: synchronised norms are not available here ({e})") from None
+        plugins.append(NormSyncPlugin())
+
+    t = cfg.trainer
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, deterministic=t.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch, limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val, num_sanity_val_steps=0, logger=False, callbacks=all_callbacks,
+        plugins=plugins or None, enable_progress_bar=interactive, enable_model_summary=interactive,
+        default_root_dir=str(run_dir),
+    )
+    world = trainer.world_size
+    datamodule.check_batch_size(world)
+    first = next(iter(datamodule.train_batches(lambda: 0, rank=0, world_size=world)))[0]
+    _preflight(module, first)
+    if t.compile:
+        module.model.compile()
+
+    global_batch = cfg.data.batch_size * world
+    ckpt = run_dir / "checkpoints" / CHECKPOINT
+    previous = None
+    spec = norm_spec_text(cfg.model.norm)
+    tags = {**cfg.tracking.tags, "run_key": key, "norm": spec, "norm_name": spec.partition(":")[0],
+            "batch_size": str(cfg.data.batch_size), "global_batch_size": str(global_batch), "world_size": str(world),
+            "normlab.status": "running"}
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        previous = _previous_run_id(run_dir, client)
+        _experiment_id(client, cfg.tracking.experiment)
+    # every rank gets the logger; its methods act on global rank 0 only
+    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_name=cfg.tracking.run_name,
+                          tags=tags, run_id=previous, log_model=cfg.tracking.log_checkpoints)
+    trainer.logger = logger
+    if trainer.is_global_zero:
+        run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
+        if previous is None:
+            (run_dir / "mlflow_run_id").write_text(run_id + "\n")
+            params = {**flatten(cfg), "derived.global_batch_size": global_batch,
+                      "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world}
+            logger.log_hyperparams(params)
+            client.log_artifact(run_id, str(run_dir / "config.yaml"))
+        else:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "normlab.status", "running")
+            print(f"normlab train: resuming run {key} from {ckpt} into MLflow run {run_id}", file=sys.stderr)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+
+    status = "diverged" if guard.diverged else "finished"
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics["diverged"] = float(guard.diverged)
+    if guard.diverged:
+        metrics["diverged_step"] = float(guard.diverged_step)
+    result = RunResult(run_id=None, run_key=key, status=status, metrics=metrics, run_dir=str(run_dir))
+    if trainer.is_global_zero:
+        result.run_id = logger.run_id
+        client.set_tag(result.run_id, "normlab.status", status)
+        result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def describe(result: RunResult) -> str:
+    """One line for the terminal."""
+    shown = "  ".join(f"{k} {result.metrics[k]:.4f}" for k in ("val_loss", "val_acc") if k in result.metrics)
+    return f"run {result.run_key} {result.status}  {shown}  MLflow run {result.run_id}  dir {result.run_dir}"
+
+
+
