@@ -46,9 +46,8 @@ def measure(shape: list[int], device: torch.device, repeats: int, warmup: int) -
     """(name, spec, median ms, median ratio to BatchNorm2d) per variant."""
     channels = shape[1]
     layers: dict[str, tuple[str, torch.nn.Module]] = {}
-    for name, info in normlayers.available().items():
-        cls = normlayers.norm_class(name)
-        if cls.needs_preceding_weight:
+    for name in normlayers.available():
+        if normlayers.norm_class(name).needs_preceding_weight:
             continue  # measured with its preceding layer in its own tests
         spec = SPECS.get(name, name)
         layers[name] = (spec, normlayers.build_norm(spec, channels).to(device).train())

@@ -304,7 +304,8 @@ def plot_lr_stability(data: dict, path: Path) -> dict:
                     ax.text(j, i, f"× {cell['diverged']}/{cell['runs']}", ha="center", va="center",
                             color="red", fontweight="bold")
                 elif cell["mean_acc"] is not None:
-                    ax.text(j, i, f"{cell['mean_acc']:.2f}", ha="center", va="center", color="white", fontsize=8)
+                    ax.text(j, i, f"{cell['mean_acc']:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if cell["mean_acc"] > 0.6 else "white")  # readable on viridis
             best = grid["largest_stable_lr"][norm]
             if best is not None:
                 ax.add_patch(_outline(lrs.index(best), i))

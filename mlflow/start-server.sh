@@ -72,29 +72,29 @@ if [ -z "$mlflow_bin" ]; then
 fi
 command -v "$mlflow_bin" >/dev/null || die "no 'mlflow' executable found; install mlflow or set MLFLOW_BIN"
 
-mkdir -p "$data_dir"
-data_dir="$(cd "$data_dir" && pwd)"
-artifacts_dir="${artifacts_dir:-$data_dir/artifacts}"
-mkdir -p "$artifacts_dir"
-artifacts_dir="$(cd "$artifacts_dir" && pwd)"
-backend_uri="${backend_uri:-sqlite:///$data_dir/mlflow.db}"
-
 # SQLite relies on POSIX file locks, which network filesystems (NFS, Lustre, GPFS, CIFS, ...)
 # implement loosely or not at all: concurrent writers then corrupt the database silently.
-refuse_network_fs() {  # $1: a path whose directory will hold a SQLite file
+refuse_network_fs() {  # $1: the path of a SQLite file (it and its directory may not exist yet)
   local dir fstype
   dir="$(dirname "$1")"
-  mkdir -p "$dir"
+  while [ ! -d "$dir" ]; do dir="$(dirname "$dir")"; done
   fstype="$(stat -f -c %T "$dir")"
   case "$fstype" in
     nfs*|lustre|gpfs|cifs|smb*|fuse*|ceph|beegfs|afs|panfs|9p)
       die "SQLite file $1 is on a network filesystem ($fstype); use a local disk (--data-dir /local/...) or PostgreSQL (--backend-store-uri postgresql://...)" ;;
   esac
 }
-case "$backend_uri" in sqlite:///*) refuse_network_fs "${backend_uri#sqlite:///}" ;; esac
 
-app_args=()
+# Every check before anything is created.
+data_dir="$(realpath -m "$data_dir")"
+artifacts_dir="$(realpath -m "${artifacts_dir:-$data_dir/artifacts}")"
+backend_uri="${backend_uri:-sqlite:///$data_dir/mlflow.db}"
+case "$backend_uri" in sqlite:///*) refuse_network_fs "${backend_uri#sqlite:///}" ;; esac
 if [ "$auth" = 1 ]; then
+  mlflow_python="$(dirname "$(command -v "$mlflow_bin")")/python"
+  if [ -x "$mlflow_python" ] && ! "$mlflow_python" -c "import flask_wtf" 2>/dev/null; then
+    die "--auth needs MLflow's auth extra (Flask-WTF): pip install 'mlflow[auth]'"
+  fi
   auth_db_uri="${auth_db_uri:-sqlite:///$data_dir/basic_auth.db}"
   case "$auth_db_uri" in
     sqlite:///*)
@@ -103,6 +103,13 @@ if [ "$auth" = 1 ]; then
         die "the first start with --auth needs MLFLOW_AUTH_ADMIN_PASSWORD set (the password of user 'admin')"
       fi ;;
   esac
+fi
+
+mkdir -p "$data_dir" "$artifacts_dir"
+case "$backend_uri" in sqlite:///*) mkdir -p "$(dirname "${backend_uri#sqlite:///}")" ;; esac
+
+app_args=()
+if [ "$auth" = 1 ]; then
   # The auth app reads its own settings from an ini file; it lives with the data, readable by us only.
   (
     umask 077

@@ -32,6 +32,11 @@ Running mean and (unbiased) variance track the current batch's statistics with t
 convention, and eval uses them, as BN does. The buffer is training state, not model state: it is
 not saved in ``state_dict`` and refills within k steps after a resume.
 
+Synchronised (``process_group`` set), the statistics are the group's, from
+:func:`normlayers.stats.batch_moments`; each rank differentiates its own slice's share of them, and
+the compensation terms (k x 2 x C values) are summed over the group in one more all-reduce, made
+only in steps that use the buffer.
+
 A model binds the preceding layer with ``layer.bind_preceding(conv)`` (a ``Conv1d/2d/3d`` or
 ``Linear`` with ``num_features`` output channels). The reference is kept out of the module tree,
 so the conv's parameters are not counted twice in ``parameters()`` or ``state_dict()``.
@@ -43,12 +48,13 @@ from collections import deque
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from normlayers.base import NormLayer
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
-from normlayers.stats import affine, batch_moments, channel_shape, unbiased, update_running
+from normlayers.stats import batch_moments, channel_shape, unbiased, update_running
 
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -61,6 +67,21 @@ class _Iteration(NamedTuple):
     grad_mean: tuple[Tensor, ...]
     grad_mean_sq: tuple[Tensor, ...]
     params: tuple[Tensor, ...]
+
+
+def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   eps: float) -> Tensor:
+    """gamma (x - mean) / sqrt(var + eps) + beta in float32, as one multiply-add over x: the per-channel
+    scale and shift are formed first (gradients still reach mean and var through them)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    shape = channel_shape(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.addcmul(shift.reshape(shape), x.float(), scale.reshape(shape)).to(x.dtype)
 
 
 def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> Tensor:
@@ -147,23 +168,34 @@ class CrossIterationBatchNorm(NormLayer):
         (newest first); with ``compensate=False``, as they were recorded."""
         if not self._history:
             return []
+        if not self.compensate:
+            return [(it.mean, it.mean_sq) for it in self._history]
         now = tuple(p.detach().float() for p in self._preceding_params())
-        out = []
-        for it in self._history:
-            if not self.compensate:
-                out.append((it.mean, it.mean_sq))
-                continue
-            deltas = tuple(n - p for n, p in zip(now, it.params, strict=True))
-            out.append((it.mean + _per_channel_dot(it.grad_mean, deltas),
-                        it.mean_sq + _per_channel_dot(it.grad_mean_sq, deltas)))
-        return out
+        corrections = torch.stack([
+            torch.stack([_per_channel_dot(it.grad_mean, deltas), _per_channel_dot(it.grad_mean_sq, deltas)])
+            for it in self._history
+            for deltas in [tuple(n - p for n, p in zip(now, it.params, strict=True))]
+        ])
+        if self.synchronised:
+            # each rank holds its slice's share of the gradients: the sum over ranks is the global one
+            dist.all_reduce(corrections, group=self.process_group)
+        return [(it.mean + c[0], it.mean_sq + c[1]) for it, c in zip(self._history, corrections, strict=True)]
 
-    def _record(self, mean: Tensor, mean_sq: Tensor) -> None:
+    def _record(self, x: Tensor, dims: list[int], mean: Tensor, mean_sq: Tensor, count: Tensor) -> None:
+        """Buffer this iteration: its statistics, their gradients w.r.t. the preceding layer, its weights."""
         params = self._preceding_params()
+        if self.synchronised:
+            # Differentiate this rank's share, (n_r / N) * (its slice's moments), instead of the global
+            # statistics: no all-reduce in this backward; the shares are summed in compensated_history.
+            local_mean, local_var, local_count = batch_moments(x, dims, None, who="cbn")
+            share = local_count / count
+            outputs = (local_mean * share, (local_var + local_mean * local_mean) * share)
+        else:
+            outputs = (mean, mean_sq)
         ones = torch.ones_like(mean)
         # sum over channels of mu_c: row c of the gradient is d mu_c / d theta_c (see the docstring)
-        grad_mean = torch.autograd.grad(mean, params, ones, retain_graph=True, allow_unused=True)
-        grad_mean_sq = torch.autograd.grad(mean_sq, params, ones, retain_graph=True, allow_unused=True)
+        grad_mean = torch.autograd.grad(outputs[0], params, ones, retain_graph=True, allow_unused=True)
+        grad_mean_sq = torch.autograd.grad(outputs[1], params, ones, retain_graph=True, allow_unused=True)
         if any(g is None for g in grad_mean + grad_mean_sq):
             raise ValueError(
                 "cbn: the input does not depend on the bound layer's weight; call bind_preceding with the "
@@ -188,12 +220,8 @@ class CrossIterationBatchNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("cbn", x, self.num_features)
-        shape = channel_shape(x)
         if not self.training:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                y = (x.float() - self.running_mean.reshape(shape)) * torch.rsqrt(
-                    self.running_var.reshape(shape) + self.eps)
-                return affine(y, self.weight, self.bias).to(x.dtype)
+            return normalize_with(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
         dims = [0, *range(2, x.dim())]
         mean, var, count = batch_moments(x, dims, self.process_group, who="cbn")
@@ -212,8 +240,5 @@ class CrossIterationBatchNorm(NormLayer):
             if step > self.burnin and self._history:
                 mean, var = self._combine(batch_mean, batch_mean_sq)
             if step + self.k > self.burnin:
-                self._record(batch_mean, batch_mean_sq)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = (x.float() - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-            y = affine(y, self.weight, self.bias)
-        return y.to(x.dtype)
+                self._record(x, dims, batch_mean, batch_mean_sq, count)
+        return normalize_with(x, mean, var, self.weight, self.bias, self.eps)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from normlayers.base import NormLayer
 from normlayers.groupnorm import check_spatial, compute_dtype, resolve_groups
@@ -27,9 +28,50 @@ from normlayers.registry import register
 from normlayers.stats import batch_moments, unbiased, update_running
 
 
-def _variance(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Biased variance over ``dims`` (kept), two-pass: stable, and much faster on CPU than torch.var."""
-    return (x - x.mean(dim=dims, keepdim=True)).square().mean(dim=dims, keepdim=True)
+class _EvoNormB0Function(torch.autograd.Function):
+    """B0 given its batch std s (per channel): y = x / max(s, v*x + sqrt(s^2_{w,h}(x) + eps)) * gamma + beta.
+
+    Forward and backward written out: autograd's version of this chain keeps about twice as many
+    full-size temporaries and is 4-8x slower than BatchNorm2d on CPU. The gradient reaching ``s``
+    flows on through :func:`batch_moments` (and its all-reduce when synchronised).
+    Checked against autograd of the plain equation and by ``gradcheck`` in float64 (tests).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, batch_std: Tensor, v: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        spatial = tuple(range(2, x.dim()))
+        shape = [1, x.shape[1]] + [1] * len(spatial)
+        s, v, weight, bias = (p.reshape(shape) for p in (batch_std, v, weight, bias))
+        mean = x.mean(dim=spatial, keepdim=True)
+        # two-pass instance variance; vector_norm avoids one full-size temporary
+        centered_norm = torch.linalg.vector_norm(x - mean, dim=spatial, keepdim=True)
+        instance_std = torch.sqrt(centered_norm.square() / x[0, 0].numel() + eps)
+        # max(s, v*x + instance_std) = s + excess; excess > 0 marks where the instance branch wins
+        excess = torch.addcmul(instance_std - s, x, v).relu_()
+        denominator = excess + s
+        ctx.save_for_backward(x, mean, instance_std, excess, denominator, v, weight)
+        return torch.addcmul(bias, x / denominator, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, mean, instance_std, excess, denominator, v, weight = ctx.saved_tensors
+        spatial = tuple(range(2, x.dim()))
+        per_channel = (0, *spatial)
+        normalized = x / denominator
+        grad_weight = (grad * normalized).sum(per_channel)
+        grad_bias = grad.sum(per_channel)
+        grad_x = (grad * weight).div_(denominator)
+        # d y / d denominator = -gamma * x / denominator^2; it goes to s or to the instance branch
+        neg_grad_denominator = grad_x * normalized
+        neg_grad_branch = torch.ops.aten.threshold_backward(neg_grad_denominator, excess, 0.0)  # where excess > 0
+        grad_s = neg_grad_branch.sum(per_channel) - neg_grad_denominator.sum(per_channel)
+        grad_v = -(neg_grad_branch * x).sum(per_channel)
+        grad_x.addcmul_(neg_grad_branch, v, value=-1.0)
+        # instance_std = sqrt(mean((x - mean)^2) + eps): d/dx = (x - mean) / (positions * instance_std)
+        k = -neg_grad_branch.sum(spatial, keepdim=True) / (x[0, 0].numel() * instance_std)
+        grad_x.addcmul_(x, k).sub_(mean * k)
+        return grad_x, grad_s, grad_v, grad_weight, grad_bias, None
 
 
 class _EvoNorm(NormLayer):
@@ -69,14 +111,9 @@ class EvoNormB0(_EvoNorm):
         else:
             batch_var = self.running_var
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xc = x.to(dtype)
-            batch_std = self._per_channel(x, torch.sqrt(batch_var.to(dtype) + self.eps), dtype)
-            instance_std = torch.sqrt(_variance(xc, spatial) + self.eps)
-            # max(a, b) as a + relu(b - a): same values, and a much cheaper backward than torch.maximum's
-            excess = torch.relu(torch.addcmul(instance_std - batch_std, xc, self._per_channel(x, self.v, dtype)))
-            denominator = excess + batch_std
-            y = torch.addcmul(self._per_channel(x, self.bias, dtype), xc / denominator,
-                              self._per_channel(x, self.weight, dtype))
+            batch_std = torch.sqrt(batch_var.to(dtype) + self.eps)
+            y = _EvoNormB0Function.apply(x.to(dtype), batch_std, self.v.to(dtype), self.weight.to(dtype),
+                                         self.bias.to(dtype), self.eps)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -101,7 +138,10 @@ class EvoNormS0(_EvoNorm):
         n = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(dtype)
-            group_var = _variance(xc.reshape(n, self.groups, -1), (2,)).squeeze(2)
+            grouped = xc.reshape(n, self.groups, -1)
+            # two-pass group variance; vector_norm avoids one full-size temporary
+            centered_norm = torch.linalg.vector_norm(grouped - grouped.mean(dim=2, keepdim=True), dim=2)
+            group_var = centered_norm.square() / grouped.shape[2]
             # one scale per (sample, channel): gamma_c / group std of the channel's group
             inv_std = torch.rsqrt(group_var + self.eps).repeat_interleave(self.num_features // self.groups, dim=1)
             scale = (inv_std * self.weight.to(dtype)).reshape([n, self.num_features] + [1] * (x.dim() - 2))

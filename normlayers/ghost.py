@@ -73,6 +73,11 @@ class GhostBatchNorm(NormLayer):
                 f"ghost: virtual_batch={self.virtual_batch} does not divide the batch of {batch} samples; "
                 f"use a batch size that is a multiple of {self.virtual_batch} or a virtual_batch that divides {batch}"
             )
+        if self.virtual_batch * x[0, 0].numel() <= 1 and not self.synchronised:
+            raise ValueError(
+                f"ghost: training needs more than one value per statistic, but virtual_batch=1 on input of shape "
+                f"{tuple(x.shape)} gives one; use virtual_batch >= 2 (or a per-sample norm: gn, ln, frn)"
+            )
         chunks = batch // self.virtual_batch
         ghosts = x.reshape(chunks, self.virtual_batch, *x.shape[1:])
         mean, var, count = batch_moments(ghosts, [1, *range(3, ghosts.dim())], self.process_group, who="ghost")
@@ -106,9 +111,9 @@ class GhostBatchNorm(NormLayer):
             return
         # after K updates running = (1-a)^K running + sum_k a(1-a)^(K-1-k) stat_k; as one lerp:
         exponents = torch.arange(chunks - 1, -1, -1, device=mean.device, dtype=mean.dtype)
-        weights = per_chunk * (1.0 - per_chunk) ** exponents / effective
-        update_running(self.running_mean, weights @ mean, effective, self.num_batches_tracked)
-        update_running(self.running_var, weights @ var, effective, self.num_batches_tracked)
+        weights = (per_chunk * (1.0 - per_chunk) ** exponents / effective)[:, None]
+        update_running(self.running_mean, (weights * mean).sum(0), effective, self.num_batches_tracked)
+        update_running(self.running_var, (weights * var).sum(0), effective, self.num_batches_tracked)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, virtual_batch={self.virtual_batch}, eps={self.eps}, "

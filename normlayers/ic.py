@@ -19,6 +19,8 @@ Eval uses BN's running statistics and no dropout. The BN part is
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +31,9 @@ from normlayers.stats import single_value_error
 
 @register("ic", "Independent-Component layer (Chen et al. 2019): BN then Dropout, placed before the weight layer")
 class IndependentComponent(BatchNorm):
+    #: models put this layer after the activation, right before the next weight layer
+    before_weight_layer: ClassVar[bool] = True
+
     def __init__(
         self,
         num_features: int,
@@ -52,4 +57,8 @@ class IndependentComponent(BatchNorm):
         self._check_input_dim(x)
         if self.training and x.numel() // x.shape[1] <= 1:
             raise single_value_error("ic", x)
-        return F.dropout(super().forward(x), p=self.drop, training=self.training)
+        y = super().forward(x)
+        if not self.training or self.drop == 0.0:
+            return y
+        # in place: BN's backward needs its input, not its fresh output (autograd checks this)
+        return F.dropout(y, p=self.drop, training=True, inplace=True)

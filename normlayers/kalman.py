@@ -46,8 +46,9 @@ from torch import Tensor, nn
 
 from normlayers.base import NormLayer
 from normlayers.batchnorm import check_channels
+from normlayers.cbn import normalize_with
 from normlayers.registry import register
-from normlayers.stats import affine, batch_moments, channel_shape, update_running
+from normlayers.stats import batch_moments, update_running
 
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: the authors' guard: beyond this ratio of predicted to observed variance, trust the batch alone
@@ -183,12 +184,8 @@ class KalmanNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("kn", x, self.num_features)
-        shape = channel_shape(x)
         if not self.training:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                y = (x.float() - self.running_mean.reshape(shape)) * torch.rsqrt(
-                    self.running_var.reshape(shape) + self.eps)
-                return affine(y, self.weight, self.bias).to(x.dtype)
+            return normalize_with(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
         dims = [0, *range(2, x.dim())]
         mean, var, _ = batch_moments(x, dims, self.process_group, who="kn")
@@ -208,10 +205,7 @@ class KalmanNorm(NormLayer):
         self.num_batches_tracked.add_(1)
         update_running(self.running_mean, mean.detach(), self.momentum, self.num_batches_tracked)
         update_running(self.running_var, var.detach(), self.momentum, self.num_batches_tracked)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = (x.float() - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-            y = affine(y, self.weight, self.bias)
-        return y.to(x.dtype)
+        return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
 
 
 def link_kalman_layers(model: nn.Module) -> int:

@@ -53,8 +53,9 @@ def batch_moments(
             # E[x^2] - E[x]^2 of the global values loses the variance once |mean| >> std (0.5% error at
             # mean/std = 100, 70% at 1000). The sum is rebuilt from the same local mean so the two agree.
             local_var, local_mean = torch.var_mean(xf, dim=dims, unbiased=False)
-            sums = local_mean.double() * local_count
-            sq_sums = (local_var.double() + local_mean.double().square()) * local_count
+            mean64 = local_mean.double()  # one cast, so the backward also sums the mean's two paths in float64
+            sums = mean64 * local_count
+            sq_sums = (local_var.double() + mean64.square()) * local_count
         else:
             # an empty slice adds zeros but stays in the graph, so this rank joins the backward all-reduce
             zeros = xf.sum(dim=dims).double()

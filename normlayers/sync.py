@@ -141,8 +141,9 @@ def ghost_moments(x: Tensor, virtual_batch: int, group=None, who: str = "ghost")
                                     rounding_mode="floor")
         num_ghosts = total_n // virtual_batch
         zeros = torch.zeros(num_ghosts, channels, dtype=torch.float64, device=x.device)
-        sums = zeros.index_add(0, ghost_of_sample, sample_mean.double() * positions)
-        sq_sums = zeros.index_add(0, ghost_of_sample, (sample_var.double() + sample_mean.double().square()) * positions)
+        mean64 = sample_mean.double()
+        sums = zeros.index_add(0, ghost_of_sample, mean64 * positions)
+        sq_sums = zeros.index_add(0, ghost_of_sample, (sample_var.double() + mean64.square()) * positions)
         if synced:
             sums, sq_sums = _reduce_sum(torch.cat([sums, sq_sums], dim=1), group).split(channels, dim=1)
         count = float(virtual_batch * positions)

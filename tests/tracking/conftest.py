@@ -27,18 +27,19 @@ def free_port() -> int:
 class MlflowServer:
     """One `mlflow server` process group; stop() and start() again keep its port and stores."""
 
-    def __init__(self, data_dir: Path, *, auth: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path, *, auth: bool = False, workers: int = 2, env: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.auth = auth
+        self.auth, self.workers = auth, workers
         self.env = {**os.environ, **(env or {})}
         self.log = data_dir / "server.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [str(START_SCRIPT), "--data-dir", str(self.data_dir), "--port", str(self.port), "--workers", "2"]
+        cmd = [str(START_SCRIPT), "--data-dir", str(self.data_dir), "--port", str(self.port),
+               "--workers", str(self.workers)]
         if self.auth:
             cmd.append("--auth")
         with open(self.log, "ab") as log:
@@ -82,6 +83,37 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_mlflow_server(tmp_path):
+    """Start a server of the test's own (e.g. with --auth); it is stopped after the test."""
+    servers = []
+
+    def start(name: str, **options) -> MlflowServer:
+        server = MlflowServer(tmp_path / name, **options)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(name="tiny_config")
+def _tiny_config(tmp_path):
+    """A training config of a few seconds: a 2-layer CNN on 96 synthetic 8x8 images, 4 steps per epoch."""
+    from trainer import load_config
+
+    def make(experiment: str, *overrides: str):
+        return load_config(None, [
+            "data.name=synthetic", "data.synthetic.samples=96", "data.synthetic.image_size=8",
+            "data.synthetic.classes=4", "data.batch_size=16", "model.arch=plain_cnn", "model.depth=2",
+            "model.width=8", "trainer.accelerator=cpu", "trainer.max_epochs=3", "probes.every_n_steps=2",
+            f"tracking.experiment={experiment}", f"output.root={tmp_path / 'runs'}", *overrides])
+
+    return make
 
 
 # ---------------------------------------------------------------- runs with known values
