@@ -52,6 +52,8 @@ class PackedRuns(Checkpointable):
         torch.set_num_threads(self.threads)
         env = submitit.JobEnvironment()
         todo = self._todo(env)
+        print(f"[normlab] job {env.job_id} rank {env.global_rank}/{env.num_tasks}: {len(todo)} of {len(self.runs)} "
+              f"runs to train, torch threads {torch.get_num_threads()}", flush=True)
         results, failed = [], []
         for run in self.runs:
             if run.key not in todo:

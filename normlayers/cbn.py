@@ -22,11 +22,13 @@ is taken row by row. The statistics actually used average the current iteration 
 
 where, as in the reference code, a buffered iteration whose compensated variance nu - mu^2 is
 negative is discarded per channel and n counts the iterations kept (the paper's Eq. for nu_bar
-clamps with max(nu, mu^2) instead). The buffer is used only after a burn-in of ``burnin``
-training steps of this layer's own counter (``num_batches_tracked``); it is filled during the
-last k of them. ``k = 0`` is plain BN. ``compensate = False`` averages the raw buffered statistics
-(the paper's "naive" baseline). The buffered statistics and gradients are constants: gradients
-flow through the current iteration's statistics only.
+clamps with max(nu, mu^2) instead). The buffer is used only after a burn-in
+of ``burnin`` training steps of this layer's own counter (``num_batches_tracked``); it is filled
+during the last k of them. Defaults: k = 3 as in the reference code; burnin = 500 steps (the
+reference burns in for 8 of 12 epochs of detection training: set it per experiment). ``k = 0`` is
+plain BN. ``compensate = False`` averages the raw buffered statistics (the paper's "naive"
+baseline). The buffered statistics and gradients are constants: gradients flow through the current
+iteration's statistics only.
 
 Running mean and (unbiased) variance track the current batch's statistics with torch's momentum
 convention, and eval uses them, as BN does. The buffer is training state, not model state: it is
@@ -71,17 +73,17 @@ class _Iteration(NamedTuple):
 
 def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                    eps: float) -> Tensor:
-    """gamma (x - mean) / sqrt(var + eps) + beta in float32, as one multiply-add over x: the per-channel
-    scale and shift are formed first (gradients still reach mean and var through them)."""
+    """gamma (x - mean) / sqrt(var + eps) + beta in float32, with the per-channel scale formed first
+    (two passes over x; subtracting the mean first keeps precision when |mean| >> std)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.float()
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.float()
     shape = channel_shape(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return torch.addcmul(shift.reshape(shape), x.float(), scale.reshape(shape)).to(x.dtype)
+        centred = x.float() - mean.reshape(shape)
+        if bias is None:
+            return (centred * scale.reshape(shape)).to(x.dtype)
+        return torch.addcmul(bias.float().reshape(shape), centred, scale.reshape(shape)).to(x.dtype)
 
 
 def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> Tensor:

@@ -1,19 +1,18 @@
 """The Independent-Component (IC) layer: Batch Normalization followed by Dropout.
 
-Chen, Chen, Zhang, Sun & Zhang, "Rethinking the Usage of Batch Normalization and Dropout in the
-Training of Deep Neural Networks", arXiv:1905.05928 (2019), Sec. 3. BN whitens the features'
-first two moments and Dropout, with independent Bernoulli masks, reduces their mutual information
-(the paper's Eq. 3 bounds the correlation of two IC outputs by (1-p)^2 times that of their inputs),
-so that the inputs of the next weight layer are closer to independent components:
+Chen, Chen, Shi, Hsieh, Liao & Zhang, "Rethinking the Usage of Batch Normalization and Dropout in the
+Training of Deep Neural Networks", arXiv:1905.05928 (2019), Sec. 3. BN standardises each feature
+and Dropout, with independent Bernoulli masks, reduces the mutual information between any two
+features quadratically and their correlation linearly in the dropout parameter (the paper's
+analysis), so the inputs of the next weight layer are closer to independent components:
 
     x_hat = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta              (BN)
     y = m * x_hat / (1 - p),   m ~ Bernoulli(1 - p) element-wise            (Dropout, training only)
 
-The IC layer goes *before* the weight layer: ... -> ReLU -> IC -> Conv -> ... (the paper's Fig. 2),
-which the models build with their IC ordering option. ``drop`` is p; the paper's ResNet experiments
-use small rates (0.05 by default here; check Sec. 4 of the paper for the value per experiment).
-Eval uses BN's running statistics and no dropout. The BN part is
-:class:`normlayers.batchnorm.BatchNorm`, so its statistics go through
+The IC layer goes *before* the weight layer: ... -> ReLU -> IC -> Conv -> ..., which the models
+build with their IC ordering option (the class says so with ``before_weight_layer``). ``drop`` is
+p; the paper recommends 0.05 to 0.1 and 0.05 is the default. Eval uses BN's running statistics and
+no dropout. The BN part is :class:`normlayers.batchnorm.BatchNorm`, so its statistics go through
 :func:`normlayers.stats.batch_moments` when synchronised; ``state_dict`` keys are BN's.
 """
 

@@ -1,7 +1,7 @@
 """Kalman Normalization (KN).
 
 Wang, Peng, Luo, Wang & Lin, "Kalman Normalization: Normalizing Internal Representations Across
-Network Layers", NeurIPS 2018 (arXiv:1802.03133, "Batch Kalman Normalization"), Sec. 3. Reference
+Network Layers", NeurIPS 2018 (arXiv:1802.03133, "Batch Kalman Normalization"). Reference
 code: github.com/wanggrun/Kalman-Normalization (``KalmanNorm/kalman_norm.py``, ``cifar-kn-*.py``).
 
 The network is one system: layer k's statistics are estimated from its own batch observation

@@ -10,6 +10,10 @@ from __future__ import annotations
 import sys
 
 USAGE = "usage: normlab train [EXPERIMENT.yaml] [key=value ...]"
+HELP = """Trains one run: the schema defaults (= configs/experiments/digits_resnet20.yaml), then the
+experiment YAML, then key=value overrides (OmegaConf dot-list, e.g. model.norm=gn:groups=8).
+The run directory is <output.root>/<run_key>; the same command again resumes from its
+checkpoint into the same MLflow run, or reports the run as already finished."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError, help_text, load_config
 
     if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\n{__doc__.splitlines()[2].strip()} {__doc__.splitlines()[3].strip()}\n\n"
-              f"keys (key=default  meaning):\n{help_text()}")
+        print(f"{USAGE}\n\n{HELP}\n\nkeys (key=default  meaning):\n{help_text()}")
         return 0
     experiment, overrides = None, []
     for arg in argv:

@@ -181,6 +181,9 @@ def width_of(model: DictConfig) -> int:
 
 
 def _validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required but not set; add {missing[0]}=... to the command line")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

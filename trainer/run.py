@@ -92,6 +92,8 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 
 
 def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> RunResult:
@@ -121,8 +123,6 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     except ValueError as e:
         raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
 
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
     guard = DivergenceGuard(cfg.probes.divergence_factor)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=Path(CHECKPOINT).stem, save_top_k=1,
                                  every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
@@ -159,6 +159,8 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     global_batch = cfg.data.batch_size * world
     ckpt = run_dir / "checkpoints" / CHECKPOINT
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
     previous = None
     spec = norm_spec_text(cfg.model.norm)
     tags = {**cfg.tracking.tags, "run_key": key, "norm": spec, "norm_name": spec.partition(":")[0],

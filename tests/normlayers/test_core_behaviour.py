@@ -11,6 +11,8 @@ from normlayers import available, build_norm, norm_class
 
 C = 8
 SPECS = [
+    "none",
+    "bn",
     "ghost:virtual_batch=2",
     "brn:warmup_steps=0,r_max_steps=1,d_max_steps=1",
     "gn:groups=4",
@@ -24,7 +26,7 @@ SPECS = [
     "evonorm_b0",
     "evonorm_s0:groups=4",
 ]
-BATCH_DEPENDENT = {"ghost", "brn", "bgn", "evonorm_b0"}
+BATCH_DEPENDENT = {"bn", "ghost", "brn", "bgn", "evonorm_b0"}
 WITH_ACTIVATION = {"frn", "evonorm_b0", "evonorm_s0"}
 
 
@@ -41,7 +43,7 @@ def train_steps(layer: torch.nn.Module, steps: int = 3, n: int = 8) -> None:
 
 def test_flags_are_declared():
     info = available()
-    for name in ["ghost", "brn", "gn", "ln", "in", "pn", "frn", "bgn", "evonorm_b0", "evonorm_s0"]:
+    for name in ["none", "bn", "ghost", "brn", "gn", "ln", "in", "pn", "frn", "bgn", "evonorm_b0", "evonorm_s0"]:
         assert info[name].batch_dependent == (name in BATCH_DEPENDENT), name
         assert info[name].includes_activation == (name in WITH_ACTIVATION), name
         assert info[name].description
@@ -114,7 +116,12 @@ def test_state_dict_round_trip(spec):
     torch.testing.assert_close(restored.train()(x), trained.train()(x))
 
 
-@pytest.mark.parametrize("spec", SPECS)
+# normlayers/batchnorm.py hands float64 input to torch's CPU kernel with float32 parameters, which
+# refuses the mix; strict, so this turns red (remove the mark) once bn casts like the other layers.
+BN_FLOAT64 = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bn: float64 input, float32 parameters")
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=BN_FLOAT64) if s == "bn" else s for s in SPECS])
 def test_float64_and_bfloat16_inputs(spec):
     reference = build_norm(spec, C)
     x = batch(8)

@@ -368,3 +368,20 @@ def test_evonorm_b0_hand_written_backward_passes_gradcheck():
     instance_branch = v.reshape(1, 4, 1, 1) * x + instance_std > batch_std.reshape(1, 4, 1, 1)
     assert instance_branch.any() and not instance_branch.all()  # both sides of the max are exercised
     assert torch.autograd.gradcheck(lambda *a: _EvoNormB0Function.apply(*a, 1e-5), (x, batch_std, v, weight, bias))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_evonorm_s0_hand_written_backward_passes_gradcheck(groups):
+    from normlayers.evonorm import _EvoNormS0Function
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    v, weight, bias = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda *a: _EvoNormS0Function.apply(*a, groups, 1e-5), (x, v, weight, bias))
+    # channels-last input and upstream gradient give the same result
+    channels_last = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    upstream = torch.randn_like(x)
+    y = _EvoNormS0Function.apply(channels_last, v, weight, bias, groups, 1e-5)
+    (grad_last,) = torch.autograd.grad(y, channels_last, upstream.to(memory_format=torch.channels_last))
+    (grad_contiguous,) = torch.autograd.grad(_EvoNormS0Function.apply(x, v, weight, bias, groups, 1e-5), x, upstream)
+    torch.testing.assert_close(grad_last, grad_contiguous)

@@ -9,6 +9,7 @@ in this process, unsynchronised, on the concatenated batch.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
@@ -30,9 +31,11 @@ VARIANTS = cases.batch_dependent_variants()
 CASES = [f"{variant}/{scenario}" for variant in VARIANTS for scenario in cases.SCENARIOS]
 #: a ghost layer first exchanges the ranks' sample counts to place its samples (normlayers.sync)
 COLLECTIVES_PER_CALL = {"ghost": 2}
-#: float32: relative to each value, plus a floor relative to the tensor's scale (sums of products of
-#: large inputs, as in the offset scenario, round at that scale in either process)
+#: float32: relative to each value, plus a floor relative to the tensor's scale. In the offset
+#: scenario the input itself is rounded ~170x more coarsely relative to its spread, in either process,
+#: so its tolerance is 10x wider; float32 sums of squares there are off by 1e-2 (see sync_cases.py).
 RTOL, ATOL_PER_SCALE = 1e-4, 2e-5
+LOOSER = {"offset": 10.0}
 BUDGET_S = 90
 
 
@@ -113,28 +116,31 @@ def _ranks(results: dict, case: str):
     return got
 
 
-def _close(actual, expected, what: str) -> None:
+def _close(actual, expected, what: str, factor: float) -> None:
     scale = max(1.0, expected.abs().max().item()) if expected.is_floating_point() and expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL_PER_SCALE * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=RTOL * factor, atol=ATOL_PER_SCALE * factor * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_equal_one_process_on_the_whole_batch(results, case):
     variant, scenario = case.split("/")
     rank0, rank1 = _ranks(results, case)
+    close = functools.partial(_close, factor=LOOSER.get(scenario, 1.0))
     reference = cases.run(variant, scenario, slice(None))
     for step, (ref, r0, r1) in enumerate(zip(reference["steps"], rank0["steps"], rank1["steps"], strict=True)):
-        _close(torch.cat([r0["output"], r1["output"]]), ref["output"], f"{case} step {step} output")
-        _close(torch.cat([r0["input_grad"], r1["input_grad"]]), ref["input_grad"], f"{case} step {step} input grad")
+        close(torch.cat([r0["output"], r1["output"]]), ref["output"], f"{case} step {step} output")
+        close(torch.cat([r0["input_grad"], r1["input_grad"]]), ref["input_grad"], f"{case} step {step} input grad")
         assert r0["param_grads"].keys() == ref["param_grads"].keys()
         for name, grad in ref["param_grads"].items():
             summed = r0["param_grads"][name] + r1["param_grads"][name]
-            _close(summed, grad, f"{case} step {step} grad of {name} (summed over ranks)")
+            close(summed, grad, f"{case} step {step} grad of {name} (summed over ranks)")
     for rank, record in enumerate((rank0, rank1)):
         assert record["buffers"].keys() == reference["buffers"].keys()
         for name, buffer in reference["buffers"].items():
-            _close(record["buffers"][name], buffer, f"{case} rank {rank} buffer {name}")
-    _close(torch.cat([rank0["eval_output"], rank1["eval_output"]]), reference["eval_output"], f"{case} eval output")
+            close(record["buffers"][name], buffer, f"{case} rank {rank} buffer {name}")
+    close(torch.cat([rank0["eval_output"], rank1["eval_output"]]), reference["eval_output"], f"{case} eval output")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

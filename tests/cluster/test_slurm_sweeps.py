@@ -1,0 +1,135 @@
+"""Sweeps through sbatch on the real single-node Slurm cluster (see conftest.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from cluster import sweep_cli
+from cluster.dispatch import read_record
+from cluster.sweep import load_sweep
+from cluster.tracking import done_keys
+
+pytestmark = pytest.mark.slurm
+
+
+def _mlflow_runs(sweep):
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+
+
+def _squeue() -> str:
+    return subprocess.run(["squeue", "--noheader", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
+
+
+def test_six_run_sweep_finishes_and_resubmitting_submits_nothing(slurm_cluster, write_sweep, waiter, capsys):
+    path = write_sweep("six", {"model.norm": ["bn", "gn:groups=2", "frn"], "data.batch_size": [8, 16]},
+                       {"kind": "slurm", "runs_per_job": 2, "cpus_per_task": 1, "timeout_min": 10})
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    out = capsys.readouterr().out
+    # Two runs per job; MaxArraySize=2 in the test cluster, so the three jobs need two arrays.
+    assert "submitted 6 runs as 3 Slurm jobs in 2 array(s) (2 sbatch calls)" in out, out
+    sweep = load_sweep(path)
+    jobs = read_record(sweep)
+    assert len(jobs) == 3 and all(Path(job.stdout).name in out for job in jobs)
+
+    keys = {run.key for run in sweep.runs}
+    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == keys, 240, "six finished MLflow runs")
+    runs = _mlflow_runs(sweep)
+    assert sorted(r.data.tags["run_key"] for r in runs) == sorted(keys)
+    assert {r.data.tags["normlab.status"] for r in runs} == {"finished"} and {r.info.status for r in runs} == {"FINISHED"}
+
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    assert "nothing to submit: 6 already done in MLflow" in capsys.readouterr().out
+    assert len(read_record(sweep)) == 3
+    assert sweep_cli.main(["status", str(path)]) == 0
+    assert "total               6" in capsys.readouterr().out.replace("finished", "")  # 6 in the first column
+
+
+def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm_cluster, write_sweep, waiter, capsys):
+    overrides = {"trainer.max_epochs": 4, "trainer.limit_train_batches": 25, "trainer.deterministic": True}
+    path = write_sweep("requeue", {"model.norm": ["bn"]}, {"kind": "slurm", "timeout_min": 10}, overrides=overrides)
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    sweep = load_sweep(path)
+    (run,) = sweep.runs
+    (job,) = read_record(sweep)
+    checkpoint = Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt"
+    waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
+    # Requeue while training; Slurm holds a requeued job for a while before it is eligible: release it now.
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the requeued run to finish")
+
+    log = Path(job.stderr).read_text()
+    assert f"resuming run {run.key} from {checkpoint}" in log, log[-2000:]
+    (tracked,) = _mlflow_runs(sweep)  # one MLflow run for the key, interrupted and resumed
+    assert tracked.data.tags["run_key"] == run.key and tracked.info.status == "FINISHED"
+
+    # The same config trained without interruption (another output root and experiment: same run key).
+    from trainer.config import load_config
+    from trainer.run import train
+
+    reference = train(load_config(None, run.overrides + ["output.root=reference", "tracking.experiment=reference"]))
+    assert reference.run_key == run.key
+    for metric in ("train_loss", "val_loss", "val_acc"):
+        assert tracked.data.metrics[metric] == pytest.approx(reference.metrics[metric], rel=1e-5, abs=1e-6), metric
+
+
+def test_two_task_job_trains_one_ddp_run(slurm_cluster, write_sweep, waiter):
+    sync = importlib.util.find_spec("trainer.norm_sync") is not None
+    overrides = {"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.sync_norm": sync}
+    path = write_sweep("ddp", {"model.norm": ["bn"]}, {"kind": "slurm", "tasks_per_node": 2, "timeout_min": 10},
+                       overrides=overrides)
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    sweep = load_sweep(path)
+    (run,) = sweep.runs
+    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the DDP run to finish")
+    (tracked,) = _mlflow_runs(sweep)
+    assert tracked.data.tags["world_size"] == "2"
+    assert tracked.data.tags["global_batch_size"] == str(2 * run.batch_size)
+    assert tracked.data.params["trainer.sync_norm"] == str(sync)
+    (job,) = read_record(sweep)
+    log = Path(job.stdout).read_text()  # srun writes task 0's output here; both tasks report in the job's logs
+    assert "rank 0/2" in log
+
+
+def test_crashing_job_shows_as_failed_with_its_log_and_spares_the_others(slurm_cluster, write_sweep, waiter, capsys,
+                                                                         tmp_path):
+    # CIFAR batches that exist (the config check passes) but are not pickles: the run crashes when loading.
+    broken = tmp_path / "broken-cifar" / "cifar-10-batches-py"
+    broken.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (broken / name).write_bytes(b"not a pickle")
+    path = write_sweep("crash", {"data.name": ["digits", "cifar10"]}, {"kind": "slurm", "timeout_min": 10},
+                       overrides={"data.path": str(broken.parent)})
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    capsys.readouterr()
+    sweep = load_sweep(path)
+    good, bad = sweep.runs
+    waiter(lambda: not _squeue().strip(), 240, "both jobs to end")
+    assert done_keys(sweep.tracking_uri, sweep.experiment) == {good.key}
+    assert sweep_cli.main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    bad_job = next(job for job in read_record(sweep) if bad.key in job.run_keys)
+    assert f"{bad.label} {bad.key}: job {bad_job.job_id}, log {bad_job.stderr}" in out, out
+    assert "Traceback" in Path(bad_job.stderr).read_text()
+    assert "failed runs (1)" in out
+
+
+def test_partition_slurm_does_not_have_is_one_line_and_exit_2(slurm_cluster, write_sweep, capsys):
+    path = write_sweep("nopart", {"model.norm": ["bn", "frn"]}, {"kind": "slurm", "partition": "nosuchpartition"})
+    assert sweep_cli.main(["submit", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "invalid partition" in captured.err.lower(), captured.err
+    assert not _squeue().strip()
+    assert not (load_sweep(path).folder / "jobs.json").exists()
+    assert json.loads((load_sweep(path).folder / "plan.json").read_text())["runs"]  # planned, not submitted

@@ -1,0 +1,48 @@
+"""A normlab training run that records its first step: ``sync_train.py OUT_DIR OVERRIDE...``.
+
+Runs ``trainer.train(load_config(None, overrides))`` (with ``trainer.devices=2`` Lightning's DDP
+launcher starts this script again as rank 1) and writes ``OUT_DIR/rank<R>.pt``: the first step's
+loss on this rank, the parameter gradients after backward (averaged over ranks by DDP) and the
+model's buffers after the step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from trainer import load_config, train
+
+
+class FirstStep(pl.Callback):
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == 0:
+            params = pl_module.model.named_parameters()
+            self.grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and batch_idx == 0:
+            torch.save(
+                {
+                    "loss": outputs["loss"].detach(),
+                    "batch_size": len(batch[1]),
+                    "grads": self.grads,
+                    "buffers": {n: b.detach().clone() for n, b in pl_module.model.named_buffers()},
+                    "world_size": trainer.world_size,
+                },
+                self.out_dir / f"rank{trainer.global_rank}.pt",
+            )
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    train(load_config(None, sys.argv[2:]), callbacks=[FirstStep(out)])
