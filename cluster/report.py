@@ -113,31 +113,48 @@ def _finished(run) -> bool:
     return run.info.status == "FINISHED"
 
 
-def read_runs(client, experiment_id: str) -> tuple[list[RunRecord], list[str]]:
-    """The experiment's training runs (report runs left out) and notes on runs that were skipped."""
+def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple[list[RunRecord], list[str]]:
+    """The experiment's finished training runs and notes on what was left out.
+
+    Report runs are skipped; with ``keys`` (a sweep's run keys) so are runs of other grids. A run
+    key trained more than once (a run directory deleted and trained again) counts once: its newest run.
+    """
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time DESC"],
+                                  page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
             break
-    records, unusable, unfinished = [], 0, 0
-    for run in runs:
-        if run.data.tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
+    records, seen_keys, unusable, unfinished, foreign = [], set(), 0, 0, 0
+    for run in runs:  # newest first
+        tags = run.data.tags
+        if tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
+            continue
+        key = tags.get("run_key")
+        if keys is not None and key not in keys:
+            foreign += 1
             continue
         record = record_from_run(run)
         if record is None:
             unusable += 1
         elif not _finished(run) or (record.val_acc is None and not record.diverged):
             unfinished += 1  # its metrics are intermediate values, not final ones
-        else:
+        elif key is None:
+            records.append(record)
+        elif key not in seen_keys:
+            seen_keys.add(key)
             records.append(record)
     notes = []
     if unusable:
         notes.append(f"{unusable} run(s) lack a norm, batch size, optim.lr or seed (not training runs): left out")
     if unfinished:
         notes.append(f"{unfinished} run(s) not finished (running, failed or killed): left out")
+    if foreign:
+        notes.append(f"{foreign} run(s) of the experiment are not in this sweep's grid: left out")
+    if keys is not None and len(seen_keys) < len(keys):
+        notes.append(f"{len(keys) - len(seen_keys)} of the sweep's {len(keys)} runs have no finished MLflow run yet")
     return records, notes
 
 
@@ -471,23 +488,21 @@ def render_html(heading: str, summary: str, sections: list[Section], notes: list
 # ---------------------------------------------------------------- command line
 
 
-def _resolve_target(target: str, tracking_uri: str | None) -> tuple[str, str]:
-    """(experiment name, tracking URI) from a sweep file or an experiment name."""
+def _resolve_target(target: str, tracking_uri: str | None) -> tuple[str, str, set[str] | None]:
+    """(experiment name, tracking URI, the sweep's run keys or None) from a sweep file or an experiment name."""
     path = Path(target)
     if path.is_file():
         from cluster.sweep import load_sweep  # lazily: only a sweep file needs the sweep machinery
 
         try:
-            sweep = load_sweep(str(path))
-        except Exception as err:  # noqa: BLE001 - any invalid sweep file is the user's input error
-            raise ReportError(f"{target}: not a usable sweep file: {err}") from None
-        # Like the trainer: a sweep left at the default store gives way to $MLFLOW_TRACKING_URI.
-        sweep_uri = sweep.tracking_uri if sweep.tracking_uri != DEFAULT_TRACKING_URI else None
-        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        return sweep.experiment, tracking_uri or sweep_uri or env_uri or DEFAULT_TRACKING_URI
+            sweep = load_sweep(path)
+        except ValueError as err:  # SweepError and the trainer's ConfigError: one line naming file and key
+            raise ReportError(str(err).splitlines()[0]) from None
+        # The sweep's URI already honours $MLFLOW_TRACKING_URI the way its runs did.
+        return sweep.experiment, tracking_uri or sweep.tracking_uri, {run.key for run in sweep.runs}
     if path.suffix in (".yaml", ".yml") or os.sep in target:
         raise ReportError(f"no such sweep file: {target} (give a sweep YAML file or an MLflow experiment name)")
-    return target, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return target, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI, None
 
 
 def _check_local_store(uri: str) -> None:
@@ -530,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     try:
-        experiment_name, uri = _resolve_target(args.target, args.tracking_uri)
+        experiment_name, uri, sweep_keys = _resolve_target(args.target, args.tracking_uri)
         _check_local_store(uri)
         client = MlflowClient(tracking_uri=uri)
         try:
@@ -538,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         except MlflowException as err:
             raise ReportError(f"cannot read experiments from {uri}: {err.message.splitlines()[0]}") from None
         if experiment is None:
-            raise ReportError(f"no MLflow experiment named {experiment_name!r} at {uri}")
+            hint = "; has the sweep run yet?" if sweep_keys is not None else ""
+            raise ReportError(f"no MLflow experiment named {experiment_name!r} at {uri}{hint}")
     except ReportError as err:
         print(f"normlab report: {err}", file=sys.stderr)
         return 2
@@ -546,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        records, notes = read_runs(client, experiment.experiment_id)
+        records, notes = read_runs(client, experiment.experiment_id, sweep_keys)
     except MlflowException as err:
         print(f"normlab report: reading runs from {uri} failed: {err.message.splitlines()[0]}", file=sys.stderr)
         return 1

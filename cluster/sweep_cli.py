@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter, defaultdict
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                         "status: finished/running/queued/failed per norm and batch; cancel: stop its jobs")
     parser.add_argument("file", help="sweep file, e.g. configs/sweeps/demo.yaml")
     args = parser.parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (database set-up) are noise here
     try:
         sweep = load_sweep(args.file)
         return COMMANDS[args.command](sweep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -28,6 +29,8 @@ def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = No
     With `keys`, only those keys are asked for (one query per key: cheap for the few runs of a job);
     without, the whole experiment is read page by page (one pass for plan/submit/status).
     """
+    if _missing_sqlite(tracking_uri):
+        return {}  # nothing ever logged there; do not create an empty database just to look
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -56,6 +59,11 @@ def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = No
             if not token:
                 break
     return result
+
+
+def _missing_sqlite(uri: str) -> bool:
+    prefix = "sqlite:///"
+    return uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists()
 
 
 def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None) -> set[str]:

@@ -4,7 +4,7 @@ What is synchronised
     Every :class:`~normlayers.NormLayer` whose ``batch_dependent`` is true (``bn``, ``brn``, ``bgn``,
     ``evonorm_b0``, ``ghost`` and the batch-dependent advanced variants). :func:`convert_sync` sets
     the layer's ``process_group``; the layer then takes its cross-batch statistics over the union
-    of the group's batches. Per-sample statistics (EvoNorm's group std, IEBN's pooling, ...) and
+    of the group's batches. Per-sample statistics (EvoNorm-B0's instance std, IEBN's pooling, ...) and
     parameters are untouched; parameters are averaged by DDP as usual.
 
 How
@@ -31,13 +31,12 @@ Ghost batches
 
 Why not Lightning's ``sync_batchnorm=True``
     It calls ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which replaces every
-    ``_BatchNorm`` subclass (our ``bn``, and any variant deriving from it) by a plain
-    ``torch.nn.SyncBatchNorm``: the variant's own forward (renormalisation, ghost batches, an
-    included activation) silently becomes plain BN. Variants that are not ``_BatchNorm`` subclasses
-    (``bgn``, ``evonorm_b0``) are left unsynchronised without a word. torch's SyncBatchNorm also
-    refuses CPU tensors, so it cannot run on gloo/CPU at all. :func:`convert_sync` keeps every
-    layer's class and forward and only sets its process group; ``trainer.norm_sync.NormSyncPlugin``
-    applies it through Lightning's ``LayerSync`` plugin interface.
+    ``_BatchNorm`` subclass (our ``bn`` and ``ic``) by a plain ``torch.nn.SyncBatchNorm``: the
+    variant's own forward (IC's dropout) silently becomes plain BN. The other batch-dependent
+    variants (``brn``, ``bgn``, ``evonorm_b0``, ``ghost``, ...) are left unsynchronised without a
+    word. torch's SyncBatchNorm also refuses CPU tensors, so it cannot train on gloo/CPU at all.
+    :func:`convert_sync` keeps every layer's class and forward and only sets its process group;
+    ``trainer.norm_sync.NormSyncPlugin`` applies it through Lightning's ``LayerSync`` interface.
 """
 
 from __future__ import annotations

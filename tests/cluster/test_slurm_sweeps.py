@@ -46,13 +46,15 @@ def test_six_run_sweep_finishes_and_resubmitting_submits_nothing(slurm_cluster, 
     waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == keys, 240, "six finished MLflow runs")
     runs = _mlflow_runs(sweep)
     assert sorted(r.data.tags["run_key"] for r in runs) == sorted(keys)
-    assert {r.data.tags["normlab.status"] for r in runs} == {"finished"} and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["normlab.status"] for r in runs} == {"finished"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
     assert sweep_cli.main(["submit", str(path)]) == 0
     assert "nothing to submit: 6 already done in MLflow" in capsys.readouterr().out
     assert len(read_record(sweep)) == 3
     assert sweep_cli.main(["status", str(path)]) == 0
-    assert "total               6" in capsys.readouterr().out.replace("finished", "")  # 6 in the first column
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "6", "0", "0", "0", "0", "0"]  # all six in the `finished` column
 
 
 def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm_cluster, write_sweep, waiter, capsys):
@@ -66,6 +68,7 @@ def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm
     waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
     # Requeue while training; Slurm holds a requeued job for a while before it is eligible: release it now.
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    waiter(lambda: f"{job.job_id} PENDING" in _squeue(), 60, "the job to be pending again", interval=0.2)
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
     waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the requeued run to finish")
 
@@ -133,3 +136,20 @@ def test_partition_slurm_does_not_have_is_one_line_and_exit_2(slurm_cluster, wri
     assert not _squeue().strip()
     assert not (load_sweep(path).folder / "jobs.json").exists()
     assert json.loads((load_sweep(path).folder / "plan.json").read_text())["runs"]  # planned, not submitted
+
+
+def test_status_and_cancel_of_queued_jobs(slurm_cluster, write_sweep, capsys):
+    # Extra sbatch parameters pass through: these jobs may not start for an hour, so they stay queued.
+    path = write_sweep("held", {"model.norm": ["bn", "frn"]},
+                       {"kind": "slurm", "runs_per_job": 2, "sbatch": {"begin": "now+1hour"}})
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    capsys.readouterr()
+    assert sweep_cli.main(["status", str(path)]) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "0", "0", "0", "2", "0", "0"]  # both queued
+    assert sweep_cli.main(["cancel", str(path)]) == 0
+    assert "cancelled 1 queued or running jobs" in capsys.readouterr().out
+    assert not _squeue().strip()
+    assert sweep_cli.main(["status", str(path)]) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "0", "0", "0", "0", "2", "0"]  # cancelled: failed, submit sends them again

@@ -70,14 +70,15 @@ def rank_slice(scenario: str, rank: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def run(variant: str, scenario: str, rows: slice, prepare=None, sum_grads=None, first_forward=nullcontext) -> dict:
+def run(variant: str, scenario: str, rows: slice, prepare=None, sum_grads=None, first_forward=nullcontext,
+        device: str = "cpu") -> dict:
     """Train ``STEPS`` steps on ``rows`` of the scenario's batch. ``prepare`` turns the model into
     its synchronised form, ``sum_grads`` sums parameter gradients over the ranks in place (both None
-    for a single process); the first forward runs inside ``first_forward()``."""
-    model = build(variant, scenario)
+    for a single process); the first forward runs inside ``first_forward()``. Results are on the CPU."""
+    model = build(variant, scenario).to(device)
     if prepare is not None:
         model = prepare(model)
-    xs, ws, x_eval = data(scenario)
+    xs, ws, x_eval = (t.to(device) if torch.is_tensor(t) else [u.to(device) for u in t] for t in data(scenario))
     record: dict = {"steps": []}
     for step in range(STEPS):
         x = xs[step][rows].clone().requires_grad_(True)
@@ -85,7 +86,8 @@ def run(variant: str, scenario: str, rows: slice, prepare=None, sum_grads=None, 
             y = model(x)
         (y * ws[step][rows]).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        record["steps"].append({"output": y.detach(), "input_grad": x.grad.clone(), "param_grads": grads})
+        record["steps"].append({"output": y.detach().cpu(), "input_grad": x.grad.cpu(),
+                                "param_grads": {n: g.cpu() for n, g in grads.items()}})
         if sum_grads is not None:
             sum_grads([p.grad for p in model.parameters() if p.grad is not None])
         with torch.no_grad():
@@ -93,8 +95,8 @@ def run(variant: str, scenario: str, rows: slice, prepare=None, sum_grads=None, 
                 if p.grad is not None:
                     p -= LR * p.grad
                     p.grad = None
-    record["buffers"] = {name: b.clone() for name, b in model.named_buffers()}
+    record["buffers"] = {name: b.cpu().clone() for name, b in model.named_buffers()}
     model.eval()
     with torch.no_grad():
-        record["eval_output"] = model(x_eval[rows])
+        record["eval_output"] = model(x_eval[rows]).cpu()
     return record

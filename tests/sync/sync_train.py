@@ -1,7 +1,7 @@
 """A normlab training run that records its first step: ``sync_train.py OUT_DIR OVERRIDE...``.
 
 Runs ``trainer.train(load_config(None, overrides))`` (with ``trainer.devices=2`` Lightning's DDP
-launcher starts this script again as rank 1) and writes ``OUT_DIR/rank<R>.pt``: the first step's
+strategy starts the second rank) and writes ``OUT_DIR/rank<R>.pt``: the first step's
 loss on this rank, the parameter gradients after backward (averaged over ranks by DDP) and the
 model's buffers after the step.
 """
@@ -41,8 +41,11 @@ class FirstStep(pl.Callback):
             )
 
 
+def record_first_step(out_dir: Path, overrides: list[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train(load_config(None, overrides), callbacks=[FirstStep(out_dir)])
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    train(load_config(None, sys.argv[2:]), callbacks=[FirstStep(out)])
+    record_first_step(Path(sys.argv[1]), sys.argv[2:])

@@ -1,4 +1,4 @@
-"""One gloo rank of the synchronisation tests: ``sync_worker.py RANK WORLD PORT OUT_DIR CASE...``.
+"""One gloo rank of the synchronisation tests: ``sync_worker.py RANK WORLD PORT OUT_DIR DEVICE CASE...``.
 
 Each CASE is ``variant/scenario`` (see sync_cases.py). For case i the rank writes
 ``OUT_DIR/<i>.rank<RANK>.pt`` (its record plus the number of collectives in its first forward) or,
@@ -63,7 +63,7 @@ def sum_over_ranks(grads: list[torch.Tensor]) -> None:
         dist.all_reduce(grad)
 
 
-def main(rank: int, world: int, port: int, out_dir: Path, cases: list[str]) -> None:
+def main(rank: int, world: int, port: int, out_dir: Path, device: str, cases: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
@@ -75,6 +75,7 @@ def main(rank: int, world: int, port: int, out_dir: Path, cases: list[str]) -> N
             record = sync_cases.run(
                 variant, scenario, sync_cases.rank_slice(scenario, rank),
                 prepare=convert_sync, sum_grads=sum_over_ranks, first_forward=lambda: counter,  # noqa: B023
+                device=device,
             )
         except Exception as error:  # the test reports it; the pair cannot go on after a failed collective
             message = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -87,4 +88,4 @@ def main(rank: int, world: int, port: int, out_dir: Path, cases: list[str]) -> N
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5], sys.argv[6:])

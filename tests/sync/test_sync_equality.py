@@ -45,13 +45,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_pair(todo: list[str], out_dir: Path, timeout: float) -> tuple[list[subprocess.Popen], bool]:
+def _run_pair(todo: list[str], out_dir: Path, device: str, timeout: float) -> tuple[list[subprocess.Popen], bool]:
     out_dir.mkdir(parents=True)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "sync_worker.py"), str(rank), "2", str(port), str(out_dir), *todo],
+            [sys.executable, str(HERE / "sync_worker.py"), str(rank), "2", str(port), str(out_dir), device, *todo],
             env=env, stdout=(out_dir / f"rank{rank}.log").open("w"), stderr=subprocess.STDOUT,
         )
         for rank in range(2)
@@ -70,17 +70,15 @@ def _run_pair(todo: list[str], out_dir: Path, timeout: float) -> tuple[list[subp
     return procs, timed_out
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
+def _run_cases(base: Path, all_cases: list[str], device: str) -> dict:
     """case -> (rank 0 record, rank 1 record), or the reason the case did not complete."""
-    base = tmp_path_factory.mktemp("sync_pairs")
     out: dict = {}
-    todo, started = list(CASES), time.monotonic()
-    for attempt in range(len(CASES)):
+    todo, started = list(all_cases), time.monotonic()
+    for attempt in range(len(all_cases)):
         if not todo:
             break
         left = BUDGET_S - (time.monotonic() - started)
-        procs, timed_out = _run_pair(todo, base / f"pair{attempt}", max(left, 5.0))
+        procs, timed_out = _run_pair(todo, base / f"pair{attempt}", device, max(left, 5.0))
         pair_dir = base / f"pair{attempt}"
         stopped_at = None
         for index, case in enumerate(todo):
@@ -107,6 +105,11 @@ def results(tmp_path_factory) -> dict:
                 out[case] = "not run: the synchronisation test budget was spent on earlier failures"
             break
     return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    return _run_cases(tmp_path_factory.mktemp("sync_pairs"), CASES, "cpu")
 
 
 def _ranks(results: dict, case: str):
@@ -153,3 +156,24 @@ def test_one_collective_per_layer_call(results, variant):
 def test_every_batch_dependent_variant_is_covered():
     # the paper's batch-dependent families must all be registered and tested here
     assert {"bn", "brn", "bgn", "evonorm_b0", "ghost"} <= set(VARIANTS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the lead runs it on a lent GPU)")
+def test_two_ranks_on_one_gpu_equal_one_process(tmp_path):
+    """Both ranks on one GPU over gloo (NCCL refuses two ranks on one device): the CUDA paths of
+    every variant, torch's fused SyncBatchNorm kernels included where bn uses them."""
+    gpu_cases = [case for case in CASES if not case.endswith("/offset")]
+    got = _run_cases(tmp_path, gpu_cases, "cuda")
+    for case in gpu_cases:
+        variant, scenario = case.split("/")
+        rank0, rank1 = _ranks(got, case)
+        reference = cases.run(variant, scenario, slice(None), device="cuda")
+        for ref, r0, r1 in zip(reference["steps"], rank0["steps"], rank1["steps"], strict=True):
+            _close(torch.cat([r0["output"], r1["output"]]), ref["output"], f"{case} cuda output", 1.0)
+            _close(torch.cat([r0["input_grad"], r1["input_grad"]]), ref["input_grad"], f"{case} cuda input grad", 1.0)
+            for name, grad in ref["param_grads"].items():
+                _close(r0["param_grads"][name] + r1["param_grads"][name], grad, f"{case} cuda grad {name}", 1.0)
+        for name, buffer in reference["buffers"].items():
+            _close(rank0["buffers"][name], buffer, f"{case} cuda buffer {name}", 1.0)
+        eval_output = torch.cat([rank0["eval_output"], rank1["eval_output"]])
+        _close(eval_output, reference["eval_output"], f"{case} cuda eval", 1.0)

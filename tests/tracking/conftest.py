@@ -140,13 +140,14 @@ LAYER_PATHS = ["features.0.norm", "features.1.norm", "head.norm"]
 
 
 def log_known_run(client, experiment_id: str, norm: str, batch_size: int, lr: float, seed: int,
-                  val_acc: float | None, *, probes: dict | None = None, finished: bool = True) -> str:
+                  val_acc: float | None, *, probes: dict | None = None, finished: bool = True,
+                  key: str | None = None) -> str:
     """A run carrying the trainer's MLflow names, with the given final values."""
     from mlflow.entities import Metric, Param
 
     diverged = finished and val_acc is None
     status = "running" if not finished else ("diverged" if diverged else "finished")
-    run_key = hashlib.sha1(f"{norm}|{batch_size}|{lr}|{seed}".encode()).hexdigest()[:12]
+    run_key = key or hashlib.sha1(f"{norm}|{batch_size}|{lr}|{seed}".encode()).hexdigest()[:12]
     tags = {"run_key": run_key, "norm": norm,
             "norm_name": norm.split(":")[0], "batch_size": str(batch_size), "normlab.status": status}
     run = client.create_run(experiment_id, tags=tags, run_name=f"{norm}-b{batch_size}-lr{lr}-s{seed}")

@@ -65,6 +65,12 @@ def test_the_mlflow_ui_shows_the_experiment_a_run_metric_and_the_report_figure(m
             assert figure.evaluate("img => img.naturalWidth") == 770  # the PNG's width: 7 in at 110 dpi
             shots.append(tmp_path / "3-report-figure.png")
             page.screenshot(path=shots[-1])
+
+            # The report's HTML page stands alone: opened from disk, its three figures are drawn.
+            page.goto((known_report["out"] / "report.html").as_uri())
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(img => img.complete && img.naturalWidth)")
+            assert len(widths) == 3 and all(widths), widths
+            expect(page.get_by_role("heading", name="Learning-rate stability")).to_be_visible()
         finally:
             browser.close()
     for shot in shots:

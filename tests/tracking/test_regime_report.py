@@ -175,3 +175,41 @@ def test_bad_input_is_one_line_and_exit_2(mlflow_server, tmp_path, capsys, argv,
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
+
+
+def test_a_sweep_file_reports_its_own_runs(mlflow_server, log_known_run, tmp_path, capsys):
+    from cluster.sweep import load_sweep
+
+    sweep_file = tmp_path / "regimes.yaml"
+    sweep_file.write_text(
+        "name: sweep-report\n"
+        f"overrides: {{tracking.uri: '{mlflow_server.url}', data.name: synthetic, model.arch: plain_cnn,"
+        " model.depth: 2, model.width: 8}\n"
+        "grid: {model.norm: [bn, gn:groups=2], data.batch_size: [2, 8], optim.lr: [0.1, 0.4]}\n"
+        "seeds: [0, 1]\n"
+        "executor: {kind: local}\n")
+    sweep = load_sweep(sweep_file)
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment(sweep.experiment)
+    last = sweep.runs[-1]
+    for run in sweep.runs[:-1]:  # the last run has not finished: the report says so
+        lr, seed = run.values["optim.lr"], run.values["seed"]
+        acc = 0.6 + run.batch_size / 100 + lr / 10 + seed / 50  # bn, batch 2, lr 0.1: 0.63 and 0.65
+        log_known_run(client, experiment_id, run.norm, run.batch_size, lr, seed, acc, key=run.key)
+    # A run of an older grid in the same experiment is not part of this sweep's report.
+    log_known_run(client, experiment_id, "bn", 2, 0.1, 0, 0.01, key="0123456789ab")
+
+    assert main([str(sweep_file), "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    assert "1 of the sweep's 16 runs have no finished MLflow run yet" in capsys.readouterr().out
+    rows = markdown_table((tmp_path / "r" / "report.md").read_text(), "Final accuracy by learning rate")
+    got = {(r["norm"], int(r["batch"]), float(r["lr"])): (int(r["runs"]), r["val acc mean"]) for r in rows}
+    missing = (last.norm, last.batch_size, last.values["optim.lr"])
+    assert len(got) == 8 and got[missing][0] == 1
+    assert got[("bn", 2, 0.1)] == (2, "0.6400")  # the older grid's 0.01 is not averaged in
+
+
+def test_an_invalid_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("name: bad\ngrid: {model.norm: [no-such-norm]}\n")
+    assert main([str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "no-such-norm" in err and len(err.strip().splitlines()) == 1, err

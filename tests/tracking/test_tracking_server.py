@@ -46,9 +46,9 @@ def test_a_training_run_logs_params_metrics_and_artifacts_over_http(mlflow_serve
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     local = Path(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path / "dl")))
     assert local.read_bytes() == (Path(result.run_dir) / "config.yaml").read_bytes()
-    stored = list((mlflow_server.data_dir / "artifacts").rglob("config.yaml"))
-    assert any(result.run_id in str(p) for p in stored)
-    assert any(p.suffix == ".ckpt" for p in (mlflow_server.data_dir / "artifacts").rglob(f"*{result.run_id}*/**/*"))
+    store = mlflow_server.data_dir / "artifacts"
+    assert any(result.run_id in str(p) for p in store.rglob("config.yaml"))
+    assert any(result.run_id in str(p) for p in store.rglob("*.ckpt"))  # tracking.log_checkpoints=true
 
 
 def test_eight_concurrent_runs_each_logging_500_points_lose_none(mlflow_server):
@@ -138,3 +138,11 @@ def test_start_script_rejects_bad_options_with_one_line(tmp_path, args, env, mes
                           text=True, env={"PATH": "/usr/bin:/bin", **env}, timeout=30)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "data" / "mlflow.db").exists()
+
+
+def test_the_mlflow_directory_is_not_a_package():
+    # An mlflow/__init__.py at the repository root would shadow the MLflow library for every import.
+    assert not (START_SCRIPT.parent / "__init__.py").exists()
+    import mlflow
+
+    assert Path(mlflow.__file__).parent != START_SCRIPT.parent

@@ -69,7 +69,8 @@ def test_batch_larger_than_a_shard_is_a_config_error(capsys):
 
 
 def test_batch_too_small_for_bn_is_caught_before_training(capsys):
-    line = _error(capsys, ["data.batch_size=1"])
+    # an MLP's bn sees (N, C): one value per statistic at batch 1
+    line = _error(capsys, ["model.arch=mlp", "model.depth=2", "data.batch_size=1"])
     assert "model.norm" in line and "larger batch" in line
 
 

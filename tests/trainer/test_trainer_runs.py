@@ -1,0 +1,162 @@
+"""Whole runs through `normlab train`: every norm variant, the default's accuracy, MLflow records,
+resume == uninterrupted, divergence, and a 2-process DDP run logging one MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import normlayers
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.callbacks import Callback
+
+from trainer import load_config, run_key, train
+from trainer.cli import main
+
+TINY = ["model.depth=8", "data.batch_size=16", "data.val_batch_size=128", "trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def shared_uri(tmp_path_factory) -> str:
+    """One sqlite store for the module: creating MLflow's tables costs seconds per store."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _runs(uri: str, experiment: str = "normlab"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+@pytest.mark.parametrize("norm", sorted(normlayers.available()))
+def test_every_norm_variant_trains_a_few_steps(norm, shared_uri, capsys):
+    argv = [*TINY, "model.width=32", "data.batch_size=32", f"model.norm={norm}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=1", "probes.every_n_steps=2", f"tracking.uri={shared_uri}",
+            f"tracking.experiment=variants-{norm}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    cfg = load_config(None, argv)
+    result = json.loads((Path("runs") / run_key(cfg) / "result.json").read_text())
+    assert result["status"] == "finished" and result["metrics"]["diverged"] == 0.0
+    assert 0.0 <= result["metrics"]["val_acc"] <= 1.0 and torch.isfinite(torch.tensor(result["metrics"]["val_loss"]))
+    client, runs = _runs(shared_uri, f"variants-{norm}")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_id == result["run_id"]
+    assert run.data.tags["norm_name"] == norm and run.data.tags["normlab.status"] == "finished"
+    assert "train_loss" in run.data.metrics and "val_acc" in run.data.metrics
+    assert any(k.startswith("probe/act_std/000_") for k in run.data.metrics)
+
+
+def test_default_run_reaches_95_percent_and_is_tracked(capsys):
+    """`normlab train` with no arguments: ResNet-20 + bn on digits, 15 epochs, val_acc >= 0.95."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "finished" in out
+    client, runs = _runs("sqlite:///mlflow.db")
+    assert len(runs) == 1
+    run = runs[0]
+    cfg = load_config(None)
+    key = run_key(cfg)
+    assert run.data.metrics["val_acc"] >= 0.95, run.data.metrics
+    assert run.data.metrics["val_acc_top5"] >= run.data.metrics["val_acc"]
+    tags = run.data.tags
+    assert tags["run_key"] == key and tags["norm"] == "bn" and tags["norm_name"] == "bn"
+    assert (tags["batch_size"], tags["global_batch_size"], tags["world_size"]) == ("64", "64", "1")
+    assert tags["normlab.status"] == "finished" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.norm"] == "bn" and params["data.batch_size"] == "64" and params["seed"] == "0"
+    assert params["optim.lr"] == "0.1" and params["tracking.uri"] == "sqlite:///mlflow.db"
+    assert params["derived.global_batch_size"] == "64" and float(params["derived.effective_lr"]) == 0.1
+    metrics = run.data.metrics
+    assert metrics["diverged"] == 0.0 and "diverged_step" not in metrics and "lr" in metrics
+    for kind in ("act_mean", "act_std", "grad_norm"):  # the stem conv, 18 block convs, the classifier
+        probes = sorted(k for k in metrics if k.startswith(f"probe/{kind}/"))
+        assert len(probes) == 20, probes
+        assert probes[0] == f"probe/{kind}/000_stem" and probes[-1] == f"probe/{kind}/019_fc"
+    history = client.get_metric_history(run.info.run_id, "probe/grad_norm/000_stem")
+    assert [m.step for m in history] == list(range(0, 330, 25))
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    run_dir = Path("runs") / key
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "mlflow_run_id").read_text().strip() == run.info.run_id
+    # the same command again: nothing retrained, the recorded result reported
+    assert main([]) == 0
+    assert "already finished" in capsys.readouterr().err and len(_runs("sqlite:///mlflow.db")[1]) == 1
+
+
+class CrashAt(Callback):
+    """Fault injection: the process dies at a given step, as a preempted job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated preemption")
+
+
+def test_resume_equals_uninterrupted(tmp_path, shared_uri):
+    # 4 epochs of 22 steps; dropout (ic) exercises the re-seeded global generator, augmentation is on
+    overrides = [*TINY, "model.norm=ic", "trainer.max_epochs=4", "trainer.deterministic=true",
+                 "probes.every_n_steps=5", f"tracking.uri={shared_uri}", "tracking.experiment=resume",
+                 "data.batch_size=64"]
+    whole = train(load_config(None, [*overrides, f"output.root={tmp_path / 'whole'}"]))
+    cfg = load_config(None, [*overrides, f"output.root={tmp_path / 'parts'}"])
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        train(cfg, callbacks=[CrashAt(step=50)])  # mid-epoch 3: last.ckpt is from the end of epoch 2
+    run_dir = Path(whole.run_dir.replace("whole", "parts"))
+    first_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(shared_uri)
+    assert client.get_run(first_id).info.status == "FAILED"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 44
+    resumed = train(cfg)
+    assert resumed.run_id == first_id and resumed.run_key == whole.run_key and resumed.status == "finished"
+    assert client.get_run(first_id).info.status == "FINISHED"
+    for key in ("val_loss", "val_acc", "train_loss", "train_acc"):
+        assert resumed.metrics[key] == whole.metrics[key], key
+    a = torch.load(Path(whole.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 88
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    runs = [r for r in _runs(shared_uri, "resume")[1] if r.data.tags["run_key"] == whole.run_key]
+    assert len(runs) == 2  # the uninterrupted one and the resumed one, not a third
+    history = client.get_metric_history(first_id, "val_acc")
+    assert sorted(m.step for m in history) == sorted(m.step for m in client.get_metric_history(whole.run_id, "val_acc"))
+
+
+def test_huge_lr_without_norm_is_logged_diverged(shared_uri, capsys):
+    argv = [*TINY, "model.norm=none", "optim.lr=1000", "optim.warmup_epochs=0", "trainer.max_epochs=3",
+            f"tracking.uri={shared_uri}", "tracking.experiment=diverge"]
+    assert main(argv) == 0  # a diverged run is a result
+    result = json.loads((Path("runs") / run_key(load_config(None, argv)) / "result.json").read_text())
+    assert result["status"] == "diverged" and result["metrics"]["diverged"] == 1.0
+    client, runs = _runs(shared_uri, "diverge")
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.data.tags["normlab.status"] == "diverged"
+    assert run.data.metrics["diverged"] == 1.0
+    step = run.data.metrics["diverged_step"]
+    assert 1 <= step < 3 * (1437 // 16) and step == result["metrics"]["diverged_step"]
+
+
+def test_ddp_two_processes_log_one_mlflow_run(tmp_path):
+    normlab = shutil.which("normlab", path=str(Path(sys.executable).parent))
+    assert normlab, "the normlab console script is installed with the package"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ddp.db'}"}
+    argv = [normlab, "train", *TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=4", "optim.lr_scaling=linear", "probes.every_n_steps=2"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, runs = _runs(env["MLFLOW_TRACKING_URI"])
+    assert len(runs) == 1, [r.data.tags for r in runs]
+    tags, params = runs[0].data.tags, runs[0].data.params
+    assert tags["world_size"] == "2" and tags["batch_size"] == "16" and tags["global_batch_size"] == "32"
+    assert float(params["derived.effective_lr"]) == pytest.approx(0.1 * 32 / 128)
+    assert runs[0].info.status == "FINISHED" and tags["normlab.status"] == "finished"
+    assert "val_acc" in runs[0].data.metrics
