@@ -105,8 +105,10 @@ def main() -> int:
         print(f"sweep_scale: {n_runs} runs packed {args.runs_per_job} per job = {jobs} Slurm jobs, "
               f"MaxArraySize {args.max_array_size}")
         print(f"  plan   {plan_s:7.2f} s  (expand + validate every run)")
-        print(f"  submit {submit_s:7.2f} s  {sbatch_calls} sbatch calls  ratio to 30 s goal {submit_s / SUBMIT_GOAL_S:.2f}")
-        print(f"  status {status_s:7.2f} s  ({queued} runs queued)       ratio to 5 s goal {status_s / STATUS_GOAL_S:.2f}")
+        print(f"  submit {submit_s:7.2f} s  {sbatch_calls} sbatch calls  "
+              f"ratio to the 30 s goal {submit_s / SUBMIT_GOAL_S:.2f}")
+        print(f"  status {status_s:7.2f} s  ({queued} runs queued)  "
+              f"ratio to the 5 s goal {status_s / STATUS_GOAL_S:.2f}")
         print("  " + submit_out.getvalue().splitlines()[0])
         with quiet:
             sweep_cli.main(["cancel", str(sweep_file)])

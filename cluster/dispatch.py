@@ -24,7 +24,7 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from cluster.jobs import PackedRun, PackedRuns
 from cluster.sweep import Sweep, SweepError, SweepRun
-from cluster.tracking import TrackedRun, tracked_runs
+from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 
 RECORD = "jobs.json"
 QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
@@ -178,6 +178,8 @@ def submit(sweep: Sweep, echo: Callable[[str], None] = print) -> Submission:
     submission = Submission([], len(done), len(live))
     if not todo:
         return submission
+    # The jobs would otherwise race to create the tracking database and the experiment.
+    ensure_experiment(sweep.tracking_uri, sweep.experiment)
     settings = sweep.executor
     packs = [todo[i : i + settings.runs_per_job] for i in range(0, len(todo), settings.runs_per_job)]
     functions = [

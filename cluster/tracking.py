@@ -69,3 +69,10 @@ def _missing_sqlite(uri: str) -> bool:
 def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None) -> set[str]:
     """Run keys that finished or diverged (MLflow status FINISHED): these are never run again."""
     return {key for key, run in tracked_runs(tracking_uri, experiment, keys).items() if run.done}
+
+
+def ensure_experiment(tracking_uri: str, experiment: str) -> None:
+    """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment)

@@ -4,9 +4,8 @@ Every batch-dependent layer gets its mean and variance from :func:`batch_moments
 group it packs the sample count, the sums and the sums of squares of its slice (in float64, built
 from the slice's own two-pass mean and variance) into a single tensor and all-reduces it once, so
 the statistics equal those of one process holding the whole global batch, whatever the per-rank
-batch sizes. ``torch.distributed.nn.functional.all_reduce`` carries the gradient back (the backward
-of a sum all-reduce is a sum all-reduce of the grads). Statistics are computed in float32 with
-autocast off, whatever the input dtype.
+batch sizes. The all-reduce is differentiable (the backward of a sum all-reduce is a sum all-reduce
+of the gradients). Statistics are computed in float32 with autocast off, whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -18,10 +17,27 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def _reduce_sum(packed: Tensor, group) -> Tensor:
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum all-reduce: each rank's output is the group's sum, so the gradient that
+    reaches a rank's input is the sum of every rank's output gradient."""
 
-    return all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def reduce_sum(packed: Tensor, group) -> Tensor:
+    """Sum ``packed`` over the process group, with gradients flowing back to every rank."""
+    return _AllReduceSum.apply(packed, group)
 
 
 def batch_moments(
@@ -62,7 +78,7 @@ def batch_moments(
             sums, sq_sums = zeros, zeros
         count = torch.full((1,), float(local_count), dtype=torch.float64, device=x.device)
         packed = torch.cat([count, sums.reshape(-1), sq_sums.reshape(-1)])
-        total = _reduce_sum(packed, group)
+        total = reduce_sum(packed, group)
         n = total[0]
         if n.item() <= 1:
             raise single_value_error(who, x)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlayers.base import NormLayer
-from normlayers.stats import _reduce_sum, single_value_error
+from normlayers.stats import reduce_sum, single_value_error
 
 
 def convert_sync(model: nn.Module, group=None) -> nn.Module:
@@ -144,7 +144,7 @@ def ghost_moments(x: Tensor, virtual_batch: int, group=None, who: str = "ghost")
         sums = zeros.index_add(0, ghost_of_sample, mean64 * positions)
         sq_sums = zeros.index_add(0, ghost_of_sample, (sample_var.double() + mean64.square()) * positions)
         if synced:
-            sums, sq_sums = _reduce_sum(torch.cat([sums, sq_sums], dim=1), group).split(channels, dim=1)
+            sums, sq_sums = reduce_sum(torch.cat([sums, sq_sums], dim=1), group).split(channels, dim=1)
         count = float(virtual_batch * positions)
         mean = sums / count
         var = (sq_sums / count - mean * mean).clamp_min(0.0)

@@ -19,10 +19,12 @@ def test_demo_command_runs_a_sweep_locally_one_job_at_a_time(write_sweep, capsys
     sweep = load_sweep(path)
     assert f"mlflow ui --backend-store-uri {sweep.tracking_uri}" in out
     assert "ran 2 runs as 2 local jobs" in out
+    assert Path("report", "report.md").is_file()  # the regime report (cluster.report) ends the demo
 
     client = MlflowClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name("local")
-    runs = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if "run_key" in r.data.tags]  # not the report
+    runs.sort(key=lambda r: r.info.start_time)
     assert {r.data.tags["run_key"] for r in runs} == {run.key for run in sweep.runs}
     assert all(r.data.tags["normlab.status"] == "finished" for r in runs)
     # array_parallelism=1: the second job started only after the first one's run had ended.

@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import normlayers
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.callbacks import Callback
 
+import normlayers
 from trainer import load_config, run_key, train
 from trainer.cli import main
 
@@ -36,9 +36,9 @@ def _runs(uri: str, experiment: str = "normlab"):
 
 @pytest.mark.parametrize("norm", sorted(normlayers.available()))
 def test_every_norm_variant_trains_a_few_steps(norm, shared_uri, capsys):
-    argv = [*TINY, "model.width=32", "data.batch_size=32", f"model.norm={norm}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-            "trainer.limit_val_batches=1", "probes.every_n_steps=2", f"tracking.uri={shared_uri}",
-            f"tracking.experiment=variants-{norm}"]
+    argv = [*TINY, "model.width=32", "data.batch_size=32", f"model.norm={norm}", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "probes.every_n_steps=2",
+            f"tracking.uri={shared_uri}", f"tracking.experiment=variants-{norm}"]
     assert main(argv) == 0, capsys.readouterr().err
     cfg = load_config(None, argv)
     result = json.loads((Path("runs") / run_key(cfg) / "result.json").read_text())

@@ -1,0 +1,135 @@
+"""Model builders: published sizes, norm sites, placement, activation rules, NormClassifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normlayers
+from normlayers import NormLayer
+from trainer import NormClassifier, load_config
+from trainer.models import build_model
+from trainer.module import lr_factor, parameter_groups
+
+
+def model(arch="cifar_resnet", depth=20, norm="bn", placement="all", classes=10, channels=3, size=32, **kw):
+    cfg = {"arch": arch, "depth": depth, "norm": norm, "norm_placement": placement, "norm_init_scale": 1.0, **kw}
+    return build_model(cfg, classes, channels, size)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def norm_sites(m: nn.Module, name: str | None = None) -> list[nn.Module]:
+    return [x for x in m.modules() if isinstance(x, NormLayer) and (name is None or x.norm_name == name)]
+
+
+def test_cifar_resnets_have_the_papers_sizes():
+    # He et al. 2016, table 6: ResNet-20 0.27M, 32 0.46M, 44 0.66M, 56 0.85M, 110 1.7M parameters
+    for depth, millions in ((20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)):
+        assert round(n_params(model(depth=depth)) / 1e6, 2 if depth < 110 else 1) == millions
+    m = model()
+    assert len(norm_sites(m, "bn")) == 19 and len([x for x in m.modules() if isinstance(x, nn.ReLU)]) == 19
+    assert model()(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    assert model(channels=1, size=8)(torch.randn(4, 1, 8, 8)).shape == (4, 10)  # digits
+
+
+def test_imagenet_resnets_match_torchvisions_parameter_counts():
+    # torchvision's resnet18 / resnet50 (1000 classes): 11,689,512 and 25,557,032 parameters
+    assert n_params(model("resnet", 18, classes=1000)) == 11_689_512
+    assert n_params(model("resnet", 50, classes=1000)) == 25_557_032
+    assert model("resnet", 18, size=32)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_preact_plain_and_mlp_build_and_run():
+    pre = model("cifar_preact_resnet", 20)
+    assert len(norm_sites(pre, "bn")) == 19  # two per block, one before the classifier
+    assert pre(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    plain = model("plain_cnn", 9, width=8)
+    assert len([x for x in plain.modules() if isinstance(x, nn.Conv2d)]) == 9 and len(norm_sites(plain, "bn")) == 9
+    assert plain(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    mlp = model("mlp", 5, width=32, channels=1, size=8)
+    assert len([x for x in mlp.modules() if isinstance(x, nn.Linear)]) == 6 and len(norm_sites(mlp, "bn")) == 5
+    assert mlp(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("arch,depth", [("cifar_resnet", 8), ("cifar_preact_resnet", 8), ("resnet", 18),
+                                        ("plain_cnn", 4), ("mlp", 3)])
+def test_placement_final_and_none(arch, depth):
+    everywhere = norm_sites(model(arch, depth, "bn", "all", width=8), "bn")
+    final = model(arch, depth, "bn", "final", width=8)
+    (only,) = norm_sites(final, "bn")
+    assert only is final.final_norm  # the one site right before the classifier
+    assert norm_sites(model(arch, depth, "bn", "none", width=8), "bn") == []
+    assert len(everywhere) > 1
+    x = torch.randn(4, 3, 32, 32)
+    assert final(x).shape == (4, 10)
+
+
+def test_no_relu_after_layers_that_include_their_activation():
+    with_act = [n for n, i in normlayers.available().items() if i.includes_activation]
+    assert "frn" in with_act
+    for name in with_act:
+        m = model(norm=name, depth=8)
+        relus = [x for x in m.modules() if isinstance(x, nn.ReLU)]
+        assert relus == [], f"{name}: ReLU after a layer that includes its activation"
+        assert m(torch.randn(4, 3, 16, 16)).shape == (4, 10)
+    pre = model("cifar_preact_resnet", 8, norm="frn")
+    assert not [x for x in pre.modules() if isinstance(x, nn.ReLU)]
+
+
+def test_every_norm_layer_is_bound_to_its_preceding_layer(monkeypatch):
+    bound = {}
+    original = NormLayer.bind_preceding
+
+    def spy(self, module):
+        bound[id(self)] = module
+        original(self, module)
+
+    monkeypatch.setattr(NormLayer, "bind_preceding", spy)
+    m = model(depth=8)
+    for layer in norm_sites(m, "bn"):
+        assert isinstance(bound.get(id(layer)), nn.Conv2d)
+    block = m.blocks[0]
+    assert bound[id(block.norm1)] is block.conv1 and bound[id(block.norm2)] is block.conv2
+    assert bound[id(m.stem_norm)] is m.stem
+
+
+def test_norm_init_scale_sets_gamma():
+    m = model(depth=8, norm_init_scale=0.25)
+    for layer in norm_sites(m, "bn"):
+        assert torch.all(layer.weight == 0.25)
+
+
+def test_weight_decay_skips_norm_parameters_and_biases():
+    m = model(depth=8)
+    decay, no_decay = parameter_groups(m, 5e-4)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 5e-4
+    norm_params = {id(p) for layer in norm_sites(m) for p in layer.parameters()}
+    assert norm_params and norm_params <= {id(p) for p in no_decay["params"]}
+    assert id(m.fc.bias) in {id(p) for p in no_decay["params"]}
+    weights = {id(x.weight) for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear))}
+    assert {id(p) for p in decay["params"]} == weights
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    optim = {"schedule": "cosine", "step_gamma": 0.1, "step_milestones": [0.5, 0.75]}
+    assert [lr_factor(s, 110, 10, optim) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(10, 110, 10, optim) == 1.0 and lr_factor(60, 110, 10, optim) == pytest.approx(0.5)
+    assert lr_factor(110, 110, 10, optim) == pytest.approx(0.0)
+    optim["schedule"] = "step"
+    assert [lr_factor(s, 100, 0, optim) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_norm_classifier_is_importable_and_trains_one_step():
+    cfg = load_config(None, ["model.norm=gn:groups=4", "model.depth=8"])
+    module = NormClassifier(cfg, num_classes=10, in_channels=1, image_size=8)
+    assert "Lightning" in type(module).__mro__[1].__name__ and NormClassifier.__doc__
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    loss = nn.functional.cross_entropy(module(x), y)
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+    assert len(norm_sites(module.model, "gn")) == 7
