@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
 from cluster.jobs import PackedRun, PackedRuns
-from cluster.sweep import Sweep, SweepError, SweepRun
+from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 
 RECORD = "jobs.json"
@@ -77,7 +78,8 @@ def _run(command: list[str], check: bool = True) -> subprocess.CompletedProcess[
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
-        raise SubmitError(f"{' '.join(command[:2])} failed: {lines[-1] if lines else 'exit ' + str(result.returncode)}")
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise SubmitError(f"{command[0]} failed: {reason} (is Slurm up, and SLURM_CONF set for this cluster?)")
     return result
 
 
@@ -97,7 +99,7 @@ def live_jobs(records: list[JobRecord]) -> dict[str, str]:
     slurm_ids = {record.slurm_id for record in records if record.kind == "slurm"}
     if slurm_ids and shutil.which("squeue"):
         # One squeue call for everything; -r lists each array task on its own line.
-        out = _run(["squeue", "--noheader", "-r", "-u", _user(), "-o", "%i|%T"], check=False).stdout
+        out = _run(["squeue", "--noheader", "-r", "-u", _user(), "-o", "%i|%T"]).stdout
         for line in out.splitlines():
             job_id, _, state = line.strip().partition("|")
             if job_id.split("_")[0] in slurm_ids:
@@ -327,15 +329,8 @@ def cancel(sweep: Sweep) -> int:
     if slurm_ids:
         _run(["scancel", *slurm_ids])
     local = [record for record in records if record.kind == "local" and record.job_id in live]
-    for record in local:
+    for record in local:  # what submitit's LocalJob.cancel sends
         with contextlib.suppress(OSError):
-            os.kill(int(record.job_id), 15)
+            os.kill(int(record.job_id), signal.SIGINT)
     return sum(1 for record in records if record.job_id in live)
 
-
-def check_submittable(sweep: Sweep) -> None:
-    if sweep.executor.kind == "slurm" and not shutil.which("sbatch"):
-        raise SweepError(
-            f"{sweep.path}: executor.kind is slurm but sbatch is not on PATH; start the single-node cluster "
-            "(cluster/slurm/start.sh DIR) or use executor.kind: local"
-        )

@@ -11,6 +11,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="normlab norms", description=__doc__)
     parser.parse_args(argv)
     for info in normlayers.available().values():
-        flags = [f for f, on in (("batch", info.batch_dependent), ("act", info.includes_activation)) if on]
-        print(f"{info}{'  (' + ', '.join(flags) + ')' if flags else ''}")
+        flags = [f for f, on in (("batch-dependent", info.batch_dependent),
+                                 ("includes activation", info.includes_activation)) if on]
+        print(f"{info.name:12s} {info.description}" + (f"  [{', '.join(flags)}]" if flags else ""))
+        options = ", ".join(f"{k}={v!r}" for k, v in info.options.items()) or "no options"
+        print(f"{'':12s}   options: {options}")
     return 0

@@ -71,6 +71,10 @@ class BatchNorm(_BatchNorm, NormLayer):
         if not use_batch or not self.synchronised:
             if use_batch and x.numel() // x.shape[1] <= 1:
                 raise single_value_error("bn", x)
+            state = self.weight if self.weight is not None else self.running_mean
+            if x.dtype == torch.float64 and state is not None and state.dtype != x.dtype:
+                # torch's CPU kernel refuses float64 input with float32 parameters (it takes bf16/fp16)
+                return super().forward(x.float()).to(x.dtype)
             return super().forward(x)
         return self._synchronised_forward(x)
 

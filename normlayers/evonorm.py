@@ -46,10 +46,13 @@ class _EvoNormB0Function(torch.autograd.Function):
         s, v, weight, bias = (p.reshape(shape) for p in (batch_std, v, weight, bias))
         mean = x.mean(dim=spatial, keepdim=True)
         # two-pass instance variance; vector_norm avoids one full-size temporary
-        centered_norm = torch.linalg.vector_norm(x - mean, dim=spatial, keepdim=True)
-        instance_std = torch.sqrt(centered_norm.square() / x[0, 0].numel() + eps)
-        # max(s, v*x + instance_std) = s + excess; excess > 0 marks where the instance branch wins
-        excess = torch.addcmul(instance_std - s, x, v).relu_()
+        centered = x - mean
+        instance_std = torch.sqrt(torch.linalg.vector_norm(centered, dim=spatial, keepdim=True).square()
+                                  / x[0, 0].numel() + eps)
+        # max(s, v*x + instance_std) = s + excess; excess > 0 marks where the instance branch wins.
+        # (Written into the centred buffer: on CPU a fresh large tensor costs about as much as the
+        # arithmetic, since the allocator hands it back to the OS.)
+        excess = torch.addcmul(instance_std - s, x, v, out=centered).relu_()
         denominator = excess + s
         normalized = x / denominator
         ctx.save_for_backward(x, mean, instance_std, excess, denominator, normalized, v, weight)
@@ -61,21 +64,22 @@ class _EvoNormB0Function(torch.autograd.Function):
         x, mean, instance_std, excess, denominator, normalized, v, weight = ctx.saved_tensors
         spatial = tuple(range(2, x.dim()))
         per_channel = (0, *spatial)
-        # one scratch buffer for the full-size products, reused once its sum is taken: on CPU a fresh
-        # large tensor costs about as much as the arithmetic (the allocator returns it to the OS)
+        # one scratch buffer for the full-size products, reused in place (see forward)
         scratch = torch.mul(grad, normalized)
         grad_weight = scratch.sum(per_channel)
         grad_bias = grad.sum(per_channel)
-        grad_x = (grad * weight).div_(denominator)
-        # d y / d denominator = -gamma * x / denominator^2; it goes to s or to the instance branch
-        neg_grad_denominator = torch.mul(grad_x, normalized, out=scratch)
-        neg_grad_branch = torch.ops.aten.threshold_backward(neg_grad_denominator, excess, 0.0)  # where excess > 0
-        grad_s = neg_grad_branch.sum(per_channel) - neg_grad_denominator.sum(per_channel)
-        grad_v = -torch.mul(neg_grad_branch, x, out=scratch).sum(per_channel)
-        grad_x.addcmul_(neg_grad_branch, v, value=-1.0)
+        grad_x = torch.mul(grad, weight).div_(denominator)
+        # -d loss / d denominator = grad * gamma * x / denominator^2; it goes to s or to the instance branch
+        torch.mul(grad_x, normalized, out=scratch)
+        total = scratch.sum(per_channel)
+        branch = torch.ops.aten.threshold_backward.grad_input(scratch, excess, 0.0, grad_input=scratch)
+        branch_per_sample = branch.sum(spatial, keepdim=True)
+        grad_s = branch_per_sample.sum(0).flatten() - total
+        grad_x.addcmul_(branch, v, value=-1.0)
         # instance_std = sqrt(mean((x - mean)^2) + eps): d/dx = (x - mean) / (positions * instance_std)
-        k = -neg_grad_branch.sum(spatial, keepdim=True) / (x[0, 0].numel() * instance_std)
+        k = -branch_per_sample / (x[0, 0].numel() * instance_std)
         grad_x.addcmul_(x, k).sub_(mean * k)
+        grad_v = -branch.mul_(x).sum(per_channel)
         return grad_x, grad_s, grad_v, grad_weight, grad_bias, None
 
 
@@ -140,7 +144,7 @@ class _EvoNorm(NormLayer):
         self.v = nn.Parameter(torch.ones(num_features))
 
 
-@register("evonorm_b0", "EvoNorm-B0 (Liu et al. 2020): batch variance + instance std, includes activation; NCHW")
+@register("evonorm_b0", "EvoNorm-B0 (Liu et al. 2020): x / max(batch std, v*x + instance std); NCHW")
 class EvoNormB0(_EvoNorm):
     batch_dependent = True
 
@@ -171,7 +175,7 @@ class EvoNormB0(_EvoNorm):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
-@register("evonorm_s0", "EvoNorm-S0 (Liu et al. 2020): x*sigmoid(v*x) / group std, includes activation; NCHW")
+@register("evonorm_s0", "EvoNorm-S0 (Liu et al. 2020): x*sigmoid(v*x) / group std; NCHW")
 class EvoNormS0(_EvoNorm):
     def __init__(
         self,

@@ -14,11 +14,12 @@ GhostBatchNorm does, so a step moves them about as far as one BN step would. The
 updates are applied in closed form: weight a(1-a)^(K-1-k) for ghost batch k, a = momentum / K.
 ``momentum=None`` keeps torch's cumulative average over steps, of the ghost batches' mean.
 
-Synchronised (``process_group`` set, see :func:`normlayers.convert_sync`): the statistics of ghost
-batch k are over ghost batch k of every rank combined: one all-reduce of the per-(ghost batch,
-channel) sums in :func:`normlayers.stats.batch_moments`. With R ranks a ghost batch therefore
-holds R * v samples, and every rank must bring the same number of ghost batches (the same local
-batch size). In training ``virtual_batch`` must divide the local batch.
+Synchronised (``process_group`` set, see :func:`normlayers.convert_sync`): the ghost batches are
+those of the global batch (the ranks' batches concatenated in rank order), cut exactly as one
+process holding the whole batch would cut them; a ghost batch may span two ranks. Statistics come
+from :func:`normlayers.sync.ghost_moments`; ``virtual_batch`` must divide the (global) batch.
+Unsynchronised, the ghost batches are a reshape of the local batch and their statistics come from
+:func:`normlayers.stats.batch_moments` in one reduction.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
 from normlayers.stats import batch_moments, unbiased, update_running
+from normlayers.sync import ghost_moments
 
 
 @register("ghost", "Ghost Batch Normalization (Hoffer et al. 2017): BN over virtual batches; NC or NCHW")
@@ -67,20 +69,28 @@ class GhostBatchNorm(NormLayer):
         check_channels("ghost", x, self.num_features)
         if not self.training:
             return self._normalize(x.unsqueeze(0), self.running_mean[None], self.running_var[None]).squeeze(0)
+        if self.virtual_batch * x[0, 0].numel() <= 1 and not self.synchronised:
+            raise ValueError(
+                f"ghost: training needs more than one value per statistic, but virtual_batch=1 on input of shape "
+                f"{tuple(x.shape)} gives one; use virtual_batch >= 2 (or a per-sample norm: gn, ln, frn)"
+            )
+        if self.synchronised:
+            moments = ghost_moments(x, self.virtual_batch, self.process_group, who="ghost")
+            count = moments.count
+            self._update_running(moments.mean.detach(), unbiased(moments.var.detach(), count), len(moments.mean))
+            # each sample as a ghost batch of one, with the statistics of the ghost batch it belongs to
+            index = moments.ghost_of_sample
+            return self._normalize(x.unsqueeze(1), moments.mean[index], moments.var[index]).squeeze(1)
+        # locally the ghost batches are a reshape: one fused reduction instead of a per-sample gather
         batch = x.shape[0]
         if batch % self.virtual_batch:
             raise ValueError(
                 f"ghost: virtual_batch={self.virtual_batch} does not divide the batch of {batch} samples; "
                 f"use a batch size that is a multiple of {self.virtual_batch} or a virtual_batch that divides {batch}"
             )
-        if self.virtual_batch * x[0, 0].numel() <= 1 and not self.synchronised:
-            raise ValueError(
-                f"ghost: training needs more than one value per statistic, but virtual_batch=1 on input of shape "
-                f"{tuple(x.shape)} gives one; use virtual_batch >= 2 (or a per-sample norm: gn, ln, frn)"
-            )
         chunks = batch // self.virtual_batch
         ghosts = x.reshape(chunks, self.virtual_batch, *x.shape[1:])
-        mean, var, count = batch_moments(ghosts, [1, *range(3, ghosts.dim())], self.process_group, who="ghost")
+        mean, var, count = batch_moments(ghosts, [1, *range(3, ghosts.dim())], who="ghost")
         self._update_running(mean.detach(), unbiased(var.detach(), count), chunks)
         return self._normalize(ghosts, mean, var).reshape(x.shape)
 

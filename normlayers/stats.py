@@ -62,13 +62,13 @@ def batch_moments(
         if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
             if local_count <= 1:
                 raise single_value_error(who, x)
-            var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
+            var, mean = _var_mean(xf, dims, local_count)
             return mean, var, torch.tensor(float(local_count), device=x.device)
         if local_count > 0:
             # Local moments by torch's stable two-pass var_mean, shifted to the origin in float64: the float32
             # E[x^2] - E[x]^2 of the global values loses the variance once |mean| >> std (0.5% error at
             # mean/std = 100, 70% at 1000). The sum is rebuilt from the same local mean so the two agree.
-            local_var, local_mean = torch.var_mean(xf, dim=dims, unbiased=False)
+            local_var, local_mean = _var_mean(xf, dims, local_count)
             mean64 = local_mean.double()  # one cast, so the backward also sums the mean's two paths in float64
             sums = mean64 * local_count
             sq_sums = (local_var.double() + mean64.square()) * local_count
@@ -86,6 +86,17 @@ def batch_moments(
         mean = total[1 : 1 + k] / n
         var = (total[1 + k :] / n - mean * mean).clamp_min(0.0)
         return mean.float().reshape(sums.shape), var.float().reshape(sums.shape), n.float().detach()
+
+
+def _var_mean(xf: Tensor, dims: tuple[int, ...], count: int) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over ``dims``, two-pass (as stable as ``torch.var_mean``). On CPU,
+    ``var_mean`` over several dims is about 40x slower than a sum, and this is about 2x faster forward
+    and backward; ``vector_norm`` of the centred values avoids a full-size squared temporary."""
+    if xf.device.type != "cpu":
+        return torch.var_mean(xf, dim=dims, correction=0)
+    mean = xf.mean(dim=dims, keepdim=True)
+    var = torch.linalg.vector_norm(xf - mean, dim=dims).square() / count
+    return var, mean.squeeze(dims)
 
 
 def single_value_error(who: str, x: Tensor) -> ValueError:

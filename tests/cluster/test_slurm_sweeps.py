@@ -87,6 +87,27 @@ def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm
         assert tracked.data.metrics[metric] == pytest.approx(reference.metrics[metric], rel=1e-5, abs=1e-6), metric
 
 
+def test_preemption_signal_requeues_through_submitit(slurm_cluster, write_sweep, waiter):
+    overrides = {"trainer.max_epochs": 3, "trainer.limit_train_batches": 25}
+    path = write_sweep("preempt", {"model.norm": ["gn:groups=2"]}, {"kind": "slurm", "timeout_min": 10},
+                       overrides=overrides)
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    sweep = load_sweep(path)
+    (run,) = sweep.runs
+    (job,) = read_record(sweep)
+    checkpoint = Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt"
+    waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
+    # What Slurm sends before a timeout or on preemption (sbatch --signal=USR2@90): submitit requeues the job.
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    waiter(lambda: f"{job.job_id} PENDING" in _squeue(), 60, "the job to requeue itself", interval=0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the requeued run to finish")
+    log = Path(job.stderr).read_text()
+    assert f"Requeued job {job.job_id}" in log and f"resuming run {run.key}" in log, log[-2000:]
+    (tracked,) = _mlflow_runs(sweep)
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["normlab.status"] == "finished"
+
+
 def test_two_task_job_trains_one_ddp_run(slurm_cluster, write_sweep, waiter):
     sync = importlib.util.find_spec("trainer.norm_sync") is not None
     overrides = {"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.sync_norm": sync}

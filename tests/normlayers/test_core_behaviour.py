@@ -118,10 +118,7 @@ def test_state_dict_round_trip(spec):
 
 # normlayers/batchnorm.py hands float64 input to torch's CPU kernel with float32 parameters, which
 # refuses the mix; strict, so this turns red (remove the mark) once bn casts like the other layers.
-BN_FLOAT64 = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bn: float64 input, float32 parameters")
-
-
-@pytest.mark.parametrize("spec", [pytest.param(s, marks=BN_FLOAT64) if s == "bn" else s for s in SPECS])
+@pytest.mark.parametrize("spec", SPECS)
 def test_float64_and_bfloat16_inputs(spec):
     reference = build_norm(spec, C)
     x = batch(8)
