@@ -4,8 +4,9 @@ Each variant runs in training mode on a (32, 64, 32, 32) float32 tensor; one tim
 forward and a backward (input and parameter gradients). Layers are timed in rounds, each round
 timing torch's BatchNorm2d and then every variant once, after a warm-up; the ratio is the median
 over rounds of (variant time / BatchNorm2d time in the same round), which keeps the ratio honest
-on a shared, noisy machine. CPU always, CUDA too when present. Goal: every variant within 3x of
-BatchNorm2d on CPU in eager mode.
+on a shared, noisy machine. Variants that read their preceding conv's weight (cbn, kn) are timed
+in a conv stack against the same stack with BatchNorm2d. CPU always, CUDA too when present.
+Goal: every variant within 3x of BatchNorm2d on CPU in eager mode.
 
     .venv/bin/python benchmarks/norm_layers.py [--repeats 15] [--threads 1] [--shape 32 64 32 32]
 """
@@ -23,7 +24,29 @@ import normlayers
 GOAL = 3.0
 # Specs that exercise the variant's distinctive path at batch 32 (defaults would reduce ghost to
 # BN, and keep brn in its plain-BN warm-up).
-SPECS = {"ghost": "ghost:virtual_batch=8", "brn": "brn:warmup_steps=0,r_max_steps=0,d_max_steps=0"}
+SPECS = {
+    "ghost": "ghost:virtual_batch=8",
+    "brn": "brn:warmup_steps=0,r_max_steps=0,d_max_steps=0",
+    "cbn": "cbn:burnin=0",
+}
+
+
+class ConvNormStack(torch.nn.Sequential):
+    """conv -> norm -> ReLU -> conv -> norm: how variants that read their preceding conv's weight
+    (cbn, kn) are timed, against the same stack with torch's BatchNorm2d."""
+
+    def __init__(self, channels: int, spec: str | None):
+        def norm(conv: torch.nn.Conv2d) -> torch.nn.Module:
+            if spec is None:
+                return torch.nn.BatchNorm2d(channels)
+            layer = normlayers.build_norm(spec, channels)
+            layer.bind_preceding(conv)
+            return layer
+
+        conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        super().__init__(conv1, norm(conv1), torch.nn.ReLU(), conv2, norm(conv2))
+        normlayers.link_kalman_layers(self)
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -42,16 +65,20 @@ def _timed(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device: 
     return time.perf_counter() - start
 
 
-def measure(shape: list[int], device: torch.device, repeats: int, warmup: int) -> list[tuple[str, str, float, float]]:
-    """(name, spec, median ms, median ratio to BatchNorm2d) per variant."""
+def measure(
+    shape: list[int], device: torch.device, repeats: int, warmup: int, with_conv: bool = False
+) -> list[tuple[str, str, float, float]]:
+    """(name, spec, median ms, median ratio to the anchor) per variant. The anchor is BatchNorm2d, or
+    with ``with_conv`` the conv stack with BatchNorm2d, for the variants that need their conv."""
     channels = shape[1]
     layers: dict[str, tuple[str, torch.nn.Module]] = {}
     for name in normlayers.available():
-        if normlayers.norm_class(name).needs_preceding_weight:
-            continue  # measured with its preceding layer in its own tests
+        if normlayers.norm_class(name).needs_preceding_weight != with_conv:
+            continue
         spec = SPECS.get(name, name)
-        layers[name] = (spec, normlayers.build_norm(spec, channels).to(device).train())
-    reference = torch.nn.BatchNorm2d(channels).to(device).train()
+        layer = ConvNormStack(channels, spec) if with_conv else normlayers.build_norm(spec, channels)
+        layers[name] = (spec, layer.to(device).train())
+    reference = (ConvNormStack(channels, None) if with_conv else torch.nn.BatchNorm2d(channels)).to(device).train()
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
 
@@ -69,7 +96,8 @@ def measure(shape: list[int], device: torch.device, repeats: int, warmup: int) -
             t = _timed(layer, x, grad, device)
             times[name].append(t)
             ratios[name].append(t / base)
-    rows = [("BatchNorm2d", "torch.nn.BatchNorm2d", statistics.median(reference_times) * 1e3, 1.0)]
+    anchor = "conv stack + BatchNorm2d" if with_conv else "torch.nn.BatchNorm2d"
+    rows = [("anchor", anchor, statistics.median(reference_times) * 1e3, 1.0)]
     for name, (spec, _) in layers.items():
         rows.append((name, spec, statistics.median(times[name]) * 1e3, statistics.median(ratios[name])))
     return rows
@@ -87,14 +115,16 @@ def main() -> int:
     torch.manual_seed(0)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        rows = measure(args.shape, device, args.repeats, args.warmup)
-        threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-        print(f"\n{device.type.upper()} forward+backward, input {tuple(args.shape)} float32{threads}, "
-              f"median of {args.repeats}")
-        print(f"{'variant':12s} {'spec':48s} {'ms':>9s} {'x BN2d':>7s}")
-        for name, spec, ms, ratio in rows:
-            flag = "" if ratio <= GOAL or device.type != "cpu" else f"  over the {GOAL:g}x goal"
-            print(f"{name:12s} {spec:48s} {ms:9.2f} {ratio:7.2f}{flag}")
+        for with_conv in (False, True):
+            rows = measure(args.shape, device, args.repeats, args.warmup, with_conv)
+            threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+            what = "conv -> norm -> ReLU -> conv -> norm" if with_conv else "the layer alone"
+            print(f"\n{device.type.upper()} forward+backward of {what}, input {tuple(args.shape)} float32{threads}, "
+                  f"median of {args.repeats}")
+            print(f"{'variant':12s} {'spec':48s} {'ms':>9s} {'x anchor':>8s}")
+            for name, spec, ms, ratio in rows:
+                flag = "" if ratio <= GOAL or device.type != "cpu" else f"  over the {GOAL:g}x goal"
+                print(f"{name:12s} {spec:48s} {ms:9.2f} {ratio:8.2f}{flag}")
     return 0
 
 

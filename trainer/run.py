@@ -44,9 +44,17 @@ class RunResult:
 
 
 def tracking_uri(cfg: DictConfig) -> str:
-    """``cfg.tracking.uri``, or env ``MLFLOW_TRACKING_URI`` while the config keeps the default."""
+    """``cfg.tracking.uri``, or env ``MLFLOW_TRACKING_URI`` while the config keeps the default.
+
+    A relative sqlite path is made absolute here: MLflow caches stores by URI, so a relative one
+    would keep pointing at the first working directory of the process.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    return env if env and cfg.tracking.uri == DEFAULT_TRACKING_URI else cfg.tracking.uri
+    uri = env if env and cfg.tracking.uri == DEFAULT_TRACKING_URI else cfg.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
