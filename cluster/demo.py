@@ -8,12 +8,12 @@ Runs already finished are skipped, so running it again only writes the report ag
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
-from cluster import sweep_cli
+from cluster import report, sweep_cli
+from cluster.sweep import SweepError, load_sweep
 
 DEMO_SWEEP = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "demo.yaml"
 
@@ -26,25 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    print(f"normlab demo: running {args.sweep} on this machine (two runs at a time)", flush=True)
-    code = sweep_cli.main(["submit", args.sweep])
-    if code:
-        return code
-    if importlib.util.find_spec("cluster.report") is not None:
-        from cluster import report
-
-        code = report.main([args.sweep, "--out", args.out])
-    else:  # the regime report is not part of this checkout yet: the status table stands in for it
-        code = sweep_cli.main(["status", args.sweep])
-    from cluster.sweep import load_sweep
-
-    sweep = load_sweep(args.sweep)
+    try:
+        sweep = load_sweep(args.sweep)
+    except SweepError as error:
+        print(f"normlab demo: {error}", file=sys.stderr)
+        return 2
+    print(f"normlab demo: {len(sweep.runs)} runs of {args.sweep} on this machine, "
+          f"{sweep.executor.array_parallelism} jobs at a time", flush=True)
+    submitted = sweep_cli.main(["submit", args.sweep])
+    if submitted == 2:
+        return submitted
+    code = report.main([args.sweep, "--out", args.out])
+    code = code or submitted  # failed runs (their logs were named above) make the demo fail too
     minutes = (time.monotonic() - started) / 60
     print(f"\nnormlab demo: done in {minutes:.1f} min. Browse the runs in the MLflow UI:\n"
           f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {sweep.tracking_uri} --port 5000\n"
           f"  then open http://127.0.0.1:5000 (experiment {sweep.experiment!r}).")
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main())

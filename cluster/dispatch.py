@@ -169,6 +169,7 @@ class Submission:
     skipped_done: int
     skipped_live: int
     sbatch_calls: int = 0
+    failed_jobs: int = 0  # local and debug executors, which wait for their jobs
 
 
 def submit(sweep: Sweep, echo: Callable[[str], None] = print) -> Submission:
@@ -286,7 +287,9 @@ def _run_local(sweep: Sweep, functions: list[PackedRuns], submission: Submission
                 running.remove(entry)
                 finished += 1
                 job, function, record = entry
-                outcome = "ok" if job.state == "FINISHED" and not _job_error(job) else f"FAILED, see {record.stderr}"
+                ok = job.state == "FINISHED" and not _job_error(job)
+                submission.failed_jobs += not ok
+                outcome = "ok" if ok else f"FAILED, see {record.stderr}"
                 echo(f"job {finished}/{total} ({len(function.runs)} runs): {outcome}")
     except KeyboardInterrupt:
         for job, _, _ in running:
@@ -312,6 +315,7 @@ def _run_debug(sweep: Sweep, functions: list[PackedRuns], submission: Submission
             job.result()
             outcome = "ok"
         except Exception as error:
+            submission.failed_jobs += 1
             outcome = f"FAILED: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
         _append_record(sweep, [record])
         submission.jobs.append(record)

@@ -294,12 +294,13 @@ def _validated_runs(
 
     ``load_config`` costs ~20 ms (it builds the structured config and merges each override); a
     10,000-run sweep instead sets each run's grid values on one loaded config (the schema still
-    type-checks every assignment) and runs the trainer's checks on the result. The first run also
-    goes through ``load_config`` itself, so the two paths are known to agree.
+    type-checks every assignment) and runs the trainer's checks on the result. The first run with
+    each grid value also goes through ``load_config`` itself, so the two paths are known to agree.
     """
     template = load_config(base, common + pinned)
     runs: list[SweepRun] = []
     seen: dict[str, SweepRun] = {}
+    checked_values: set[tuple[str, str]] = set()
     for index, values in enumerate(combos):
         overrides = common + [_as_override(k, v) for k, v in values.items()] + pinned
         run = SweepRun(index, values, overrides, "", "", 0, base)
@@ -314,8 +315,15 @@ def _validated_runs(
             except ConfigError as error:
                 raise SweepError(f"{where}: {run.label}: {error}") from None
             raise
-        if index == 0 and run_key(load_config(base, overrides)) != run_key(template):
-            raise RuntimeError("sweep expansion disagrees with trainer.config.load_config; report this bug")
+        fresh = {(key, _format_value(value)) for key, value in values.items()} - checked_values
+        if fresh:
+            # The job rebuilds its config from the override strings: each grid value's first run is built
+            # that way here too, so the two paths are known to agree (the job also re-checks the key).
+            checked_values |= fresh
+            slow_key = run_key(load_config(base, overrides))
+            if slow_key != run_key(template):
+                raise SweepError(f"{where}: {run.label}: its overrides {overrides[len(common):-len(pinned)]} "
+                                 "give another config as text than as YAML values; quote the value in the sweep file")
         run.key = run_key(template)
         run.norm = norm_spec_text(template.model.norm)
         run.batch_size = int(template.data.batch_size)

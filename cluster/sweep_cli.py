@@ -56,9 +56,11 @@ def cmd_submit(sweep: Sweep) -> int:
                 tasks = [job for job in result.jobs if job.slurm_id == array]
                 print(f"  array {array}: {len(tasks)} jobs, logs {tasks[0].stdout} ... {tasks[-1].stdout}")
     else:
-        print(f"ran {runs} runs as {len(result.jobs)} {kind} jobs; skipped {skipped}. Logs: {sweep.folder / 'logs'}")
+        failed = f" ({result.failed_jobs} failed)" if result.failed_jobs else ""
+        print(f"ran {runs} runs as {len(result.jobs)} {kind} jobs{failed}; skipped {skipped}. "
+              f"Logs: {sweep.folder / 'logs'}")
     print(f"`normlab sweep status {sweep.path}` shows how they are doing.")
-    return 0
+    return 1 if result.failed_jobs else 0
 
 
 def cmd_status(sweep: Sweep) -> int:

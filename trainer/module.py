@@ -109,9 +109,18 @@ class NormClassifier(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx + 1 == self.trainer.num_training_batches:
-            self.log("train_loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, sync_dist=True)
-            self.log("train_acc", self.train_acc.compute(), on_step=False, on_epoch=True)
-            self.train_acc.reset()
+            self._log_train_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        if self._seen:  # the epoch was cut short (max_steps, divergence): log what it saw
+            self._log_train_epoch()
+
+    def _log_train_epoch(self) -> None:
+        # logged at the last batch rather than at epoch end, so that callbacks' epoch-end hooks see them
+        self.log("train_loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train_acc", self.train_acc.compute(), on_step=False, on_epoch=True, sync_dist=True)
+        self.train_acc.reset()
+        self._seen = 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -104,6 +105,35 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 
 
+def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: MlflowClient, run_dir: Path, tags: dict,
+                   key: str, ckpt: Path, global_batch: int) -> MLFlowLogger:
+    """The run's MLflow logger; on global rank 0 also the run directory and the MLflow run (new or resumed)."""
+    world = trainer.world_size
+    previous = None
+    if trainer.is_global_zero:
+        previous = _previous_run_id(run_dir, client)
+        _experiment_id(client, cfg.tracking.experiment)  # the first request: fails before anything is written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # every rank gets the logger; its methods act on global rank 0 only
+    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_name=cfg.tracking.run_name,
+                          tags=tags, run_id=previous, log_model=cfg.tracking.log_checkpoints)
+    if trainer.is_global_zero:
+        run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
+        if previous is None:
+            (run_dir / "mlflow_run_id").write_text(run_id + "\n")
+            params = {**flatten(cfg), "derived.global_batch_size": global_batch,
+                      "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world}
+            logger.log_hyperparams(params)
+            client.log_artifact(run_id, str(run_dir / "config.yaml"))
+        else:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "normlab.status", "running")
+            print(f"normlab train: resuming run {key} from {ckpt} into MLflow run {run_id}", file=sys.stderr)
+
+    return logger
+
+
 def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> RunResult:
     """Train (or resume, or look up) the run ``cfg`` describes; ``callbacks`` are added to the Trainer.
 
@@ -120,7 +150,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
               f"delete {run_dir} to train it again", file=sys.stderr)
         return recorded
 
-    interactive = sys.stdout.isatty()
+    interactive = sys.stderr.isatty()  # where Lightning draws its progress bar
     if not interactive:
         _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
@@ -169,32 +199,15 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     ckpt = run_dir / "checkpoints" / CHECKPOINT
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
-    previous = None
     spec = norm_spec_text(cfg.model.norm)
     tags = {**cfg.tracking.tags, "run_key": key, "norm": spec, "norm_name": spec.partition(":")[0],
             "batch_size": str(cfg.data.batch_size), "global_batch_size": str(global_batch), "world_size": str(world),
             "normlab.status": "running"}
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        previous = _previous_run_id(run_dir, client)
-        _experiment_id(client, cfg.tracking.experiment)
-    # every rank gets the logger; its methods act on global rank 0 only
-    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_name=cfg.tracking.run_name,
-                          tags=tags, run_id=previous, log_model=cfg.tracking.log_checkpoints)
+    try:
+        logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch)
+    except MlflowException as e:
+        raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {str(e).splitlines()[0][:300]}") from None
     trainer.logger = logger
-    if trainer.is_global_zero:
-        run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
-        if previous is None:
-            (run_dir / "mlflow_run_id").write_text(run_id + "\n")
-            params = {**flatten(cfg), "derived.global_batch_size": global_batch,
-                      "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world}
-            logger.log_hyperparams(params)
-            client.log_artifact(run_id, str(run_dir / "config.yaml"))
-        else:
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "normlab.status", "running")
-            print(f"normlab train: resuming run {key} from {ckpt} into MLflow run {run_id}", file=sys.stderr)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
 

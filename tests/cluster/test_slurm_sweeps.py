@@ -31,6 +31,20 @@ def _squeue() -> str:
     return subprocess.run(["squeue", "--noheader", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
 
 
+def _wait_done(sweep, keys, waiter, what: str, timeout: float = 240):
+    """Wait until `keys` are done in MLflow; fail at once, with the logs, if the jobs left the queue without it."""
+
+    def finished() -> bool:
+        if done_keys(sweep.tracking_uri, sweep.experiment) == set(keys):
+            return True
+        if not _squeue().strip() and done_keys(sweep.tracking_uri, sweep.experiment) != set(keys):
+            logs = "\n".join(Path(job.stderr).read_text()[-1500:] for job in read_record(sweep))
+            pytest.fail(f"the jobs ended before {what}:\n{logs}")
+        return False
+
+    waiter(finished, timeout, what)
+
+
 def test_six_run_sweep_finishes_and_resubmitting_submits_nothing(slurm_cluster, write_sweep, waiter, capsys):
     path = write_sweep("six", {"model.norm": ["bn", "gn:groups=2", "frn"], "data.batch_size": [8, 16]},
                        {"kind": "slurm", "runs_per_job": 2, "cpus_per_task": 1, "timeout_min": 10})
@@ -43,7 +57,7 @@ def test_six_run_sweep_finishes_and_resubmitting_submits_nothing(slurm_cluster, 
     assert len(jobs) == 3 and all(Path(job.stdout).name in out for job in jobs)
 
     keys = {run.key for run in sweep.runs}
-    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == keys, 240, "six finished MLflow runs")
+    _wait_done(sweep, keys, waiter, "six finished MLflow runs")
     runs = _mlflow_runs(sweep)
     assert sorted(r.data.tags["run_key"] for r in runs) == sorted(keys)
     assert {r.data.tags["normlab.status"] for r in runs} == {"finished"}
@@ -70,7 +84,7 @@ def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
     waiter(lambda: f"{job.job_id} PENDING" in _squeue(), 60, "the job to be pending again", interval=0.2)
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
-    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the requeued run to finish")
+    _wait_done(sweep, {run.key}, waiter, "the requeued run finished")
 
     log = Path(job.stderr).read_text()
     assert f"resuming run {run.key} from {checkpoint}" in log, log[-2000:]
@@ -101,9 +115,10 @@ def test_preemption_signal_requeues_through_submitit(slurm_cluster, write_sweep,
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     waiter(lambda: f"{job.job_id} PENDING" in _squeue(), 60, "the job to requeue itself", interval=0.2)
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
-    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the requeued run to finish")
+    _wait_done(sweep, {run.key}, waiter, "the requeued run finished")
     log = Path(job.stderr).read_text()
-    assert f"Requeued job {job.job_id}" in log and f"resuming run {run.key}" in log, log[-2000:]
+    assert "Caught signal SIGUSR2" in log and "DUE TO JOB REQUEUE" in log, log[-2000:]  # submitit requeued it
+    assert f"resuming run {run.key}" in log, log[-2000:]
     (tracked,) = _mlflow_runs(sweep)
     assert tracked.info.status == "FINISHED" and tracked.data.tags["normlab.status"] == "finished"
 
@@ -116,7 +131,7 @@ def test_two_task_job_trains_one_ddp_run(slurm_cluster, write_sweep, waiter):
     assert sweep_cli.main(["submit", str(path)]) == 0
     sweep = load_sweep(path)
     (run,) = sweep.runs
-    waiter(lambda: done_keys(sweep.tracking_uri, sweep.experiment) == {run.key}, 240, "the DDP run to finish")
+    _wait_done(sweep, {run.key}, waiter, "the DDP run finished")
     (tracked,) = _mlflow_runs(sweep)
     assert tracked.data.tags["world_size"] == "2"
     assert tracked.data.tags["global_batch_size"] == str(2 * run.batch_size)

@@ -117,3 +117,10 @@ def test_cifar_config_loads_with_a_data_path(tmp_path):
         (batches / name).write_bytes(pickle.dumps({b"data": b"", b"labels": []}))
     cfg = load_config(str(EXPERIMENTS / "cifar10_resnet20.yaml"), [f"data.path={tmp_path}"])
     assert cfg.data.name == "cifar10" and cfg.data.val_split == 0.0 and cfg.optim.schedule == "step"
+
+
+def test_unreachable_tracking_server_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    line = _error(capsys, ["model.depth=8", "trainer.max_steps=1", "tracking.uri=http://127.0.0.1:9"])
+    assert line.startswith("normlab train: tracking.uri: MLflow at http://127.0.0.1:9 failed")

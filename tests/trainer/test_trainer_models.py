@@ -133,3 +133,13 @@ def test_norm_classifier_is_importable_and_trains_one_step():
     loss.backward()
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
     assert len(norm_sites(module.model, "gn")) == 7
+
+
+def test_channels_last_gives_the_same_logits():
+    plain = NormClassifier(load_config(None, ["model.depth=8"]), num_classes=10, in_channels=3, image_size=16).eval()
+    fast = NormClassifier(load_config(None, ["model.depth=8", "trainer.channels_last=true"]), num_classes=10,
+                          in_channels=3, image_size=16).eval()
+    fast.model.load_state_dict(plain.model.state_dict())
+    assert fast.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -58,6 +58,8 @@ def test_default_run_reaches_95_percent_and_is_tracked(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "finished" in out
+    # no terminal: one quiet line per epoch instead of a progress bar
+    assert "epoch 1/15  step 22  train_loss" in out and "epoch 15/15  step 330" in out and "\r" not in out
     client, runs = _runs("sqlite:///mlflow.db")
     assert len(runs) == 1
     run = runs[0]
@@ -133,7 +135,7 @@ def test_resume_equals_uninterrupted(tmp_path, shared_uri):
 
 def test_huge_lr_without_norm_is_logged_diverged(shared_uri, capsys):
     argv = [*TINY, "model.norm=none", "optim.lr=1000", "optim.warmup_epochs=0", "trainer.max_epochs=3",
-            f"tracking.uri={shared_uri}", "tracking.experiment=diverge"]
+            f"tracking.uri={shared_uri}", "tracking.experiment=diverge", "tracking.log_checkpoints=true"]
     assert main(argv) == 0  # a diverged run is a result
     result = json.loads((Path("runs") / run_key(load_config(None, argv)) / "result.json").read_text())
     assert result["status"] == "diverged" and result["metrics"]["diverged"] == 1.0
@@ -143,14 +145,18 @@ def test_huge_lr_without_norm_is_logged_diverged(shared_uri, capsys):
     assert run.data.metrics["diverged"] == 1.0
     step = run.data.metrics["diverged_step"]
     assert 1 <= step < 3 * (1437 // 16) and step == result["metrics"]["diverged_step"]
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "last")]
+    assert "last/last.ckpt" in logged  # tracking.log_checkpoints
 
 
 def test_ddp_two_processes_log_one_mlflow_run(tmp_path):
     normlab = shutil.which("normlab", path=str(Path(sys.executable).parent))
     assert normlab, "the normlab console script is installed with the package"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ddp.db'}"}
+    # sync_norm: the lazily imported trainer.norm_sync plugin synchronises bn over the two processes
     argv = [normlab, "train", *TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1",
-            "trainer.limit_train_batches=4", "optim.lr_scaling=linear", "probes.every_n_steps=2"]
+            "trainer.limit_train_batches=4", "optim.lr_scaling=linear", "probes.every_n_steps=2",
+            "trainer.sync_norm=true"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = _runs(env["MLFLOW_TRACKING_URI"])
@@ -158,5 +164,34 @@ def test_ddp_two_processes_log_one_mlflow_run(tmp_path):
     tags, params = runs[0].data.tags, runs[0].data.params
     assert tags["world_size"] == "2" and tags["batch_size"] == "16" and tags["global_batch_size"] == "32"
     assert float(params["derived.effective_lr"]) == pytest.approx(0.1 * 32 / 128)
+    assert params["trainer.sync_norm"] == "True" and params["derived.world_size"] == "2"
     assert runs[0].info.status == "FINISHED" and tags["normlab.status"] == "finished"
     assert "val_acc" in runs[0].data.metrics
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal Lightning's progress bar is shown (and the per-epoch lines are not)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    normlab = shutil.which("normlab", path=str(Path(sys.executable).parent))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing at width 0
+    argv = [normlab, "train", *TINY, "trainer.max_steps=3", f"tracking.uri=sqlite:///{tmp_path / 'tty.db'}"]
+    proc = subprocess.Popen(argv, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=200) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "Epoch 0" in shown and "3/89 [" in shown and "it/s" in shown, shown[-2000:]  # 1437 // 16 batches
+    assert "epoch 1/" not in shown
