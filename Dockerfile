@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/normlab
 COPY pyproject.toml README.md ./
 COPY normlayers ./normlayers
@@ -24,7 +25,7 @@ RUN python -m pip freeze | grep -i '^torch==' > /tmp/torch-constraint.txt \
 
 RUN useradd --create-home --uid 1000 --shell /bin/bash normlab \
     && mkdir -p /work && chown normlab:normlab /work
-USER normlab
+USER 1000:1000
 # Runs (runs/), the default MLflow store (mlflow.db) and checkpoints land in /work: mount it.
 WORKDIR /work
 

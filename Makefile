@@ -18,12 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 test: setup lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/norm_layers.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/sync_stats.py
 
 demo: setup
 	$(BIN)/normlab demo

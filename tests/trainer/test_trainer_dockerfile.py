@@ -51,7 +51,10 @@ def test_runs_as_a_non_root_user_with_normlab_entrypoint():
     assert users, "no USER: the container would run as root"
     last_user_index, user = users[-1]
     assert user not in ("root", "0") and not user.startswith("0:")
-    assert re.search(rf"useradd\b.*\b{re.escape(user)}\b", " ".join(r for op, r in ops if op == "RUN"))
+    uid = user.split(":")[0]
+    created = " ".join(r for op, r in ops if op == "RUN")
+    # by name, or by the numeric uid that useradd gave it (numeric ids resolve on any host)
+    assert re.search(rf"useradd\b.*(--uid {re.escape(uid)}\b|\b{re.escape(uid)}$)", created, re.M)
     entry = [(i, rest) for i, (op, rest) in enumerate(ops) if op == "ENTRYPOINT"]
     assert len(entry) == 1 and entry[0][0] > last_user_index
     assert json.loads(entry[0][1]) == ["normlab"]
