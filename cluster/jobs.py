@@ -45,7 +45,6 @@ class PackedRuns(Checkpointable):
         import torch
 
         # Lightning and the trainer load only inside the job: plan/status/cancel stay quick.
-        from cluster.lightning_hooks import SubmititRequeuesOnly
         from trainer.config import load_config, run_key
         from trainer.run import train
 
@@ -68,7 +67,7 @@ class PackedRuns(Checkpointable):
                 continue
             print(f"[normlab] {run.label} {run.key}: training", flush=True)
             try:
-                result = train(cfg, callbacks=[SubmititRequeuesOnly()])
+                result = train(cfg)
             except Exception:
                 if env.num_tasks > 1:
                     raise  # the other ranks are inside the same collective: the job cannot go on

@@ -35,8 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
 import trainer.config
-from trainer.config import ConfigError, load_config, norm_spec_text, run_key
-from trainer.config import _validate as check_config  # the trainer's own cross-key rules (see _validated_runs)
+from trainer.config import ConfigError, check_config, load_config, norm_spec_text, run_key
 
 TOP_LEVEL_KEYS = ("name", "experiment", "base", "overrides", "grid", "zip", "seeds", "executor")
 EXECUTOR_KINDS = ("slurm", "local", "debug")

@@ -3,10 +3,34 @@
 ``load_config(experiment_yaml, overrides)`` builds a checked experiment config, ``train(cfg)`` runs
 it (tracked in MLflow, resumable), ``run_key(cfg)`` names it, and ``NormClassifier`` is the
 LightningModule, usable on its own. ``normlab train`` is :func:`trainer.cli.main`.
+
+Names load on first use (PEP 562), so ``import trainer.config`` alone (sweep planning, status)
+does not pay for importing Lightning.
 """
 
-from trainer.config import ConfigError, load_config, run_key
-from trainer.module import NormClassifier
-from trainer.run import RunResult, train
+from __future__ import annotations
 
-__all__ = ["ConfigError", "NormClassifier", "RunResult", "load_config", "run_key", "train"]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "trainer.config",
+    "load_config": "trainer.config",
+    "run_key": "trainer.config",
+    "NormClassifier": "trainer.module",
+    "RunResult": "trainer.run",
+    "train": "trainer.run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

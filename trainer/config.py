@@ -180,7 +180,8 @@ def width_of(model: DictConfig) -> int:
     return model.width if model.width is not None else DEFAULT_WIDTH[model.arch]
 
 
-def _validate(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> None:
+    """The cross-key rules of a merged config; raises :class:`ConfigError` (one line) on the first broken one."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required but not set; add {missing[0]}=... to the command line")
@@ -254,7 +255,7 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
 def validated(cfg: Any) -> DictConfig:
     """A full, checked config from a DictConfig or plain mapping (e.g. from a checkpoint or a sweep)."""
     merged = _merge(OmegaConf.structured(ExperimentConfig), cfg, "config")
-    _validate(merged)
+    check_config(merged)
     return merged
 
 
@@ -285,7 +286,7 @@ def load_config(experiment_yaml: str | None, overrides: list[str] | tuple[str, .
         except OmegaConfBaseException as e:
             raise ConfigError(f"{key}: {_one_line(e)}") from None
         cfg = _merge(cfg, dot, "overrides")
-    _validate(cfg)
+    check_config(cfg)
     return cfg
 
 

@@ -134,6 +134,14 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
     return logger
 
 
+def slurm_plugins() -> list:
+    """Inside a Slurm job only submitit requeues: Lightning's SLURM environment is kept (ranks, ports)
+    but its own auto-requeue, which would also catch the signal and requeue a second time, is off."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> RunResult:
     """Train (or resume, or look up) the run ``cfg`` describes; ``callbacks`` are added to the Trainer.
 
@@ -170,7 +178,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     if not interactive:
         all_callbacks.append(EpochLines())
     all_callbacks += callbacks or []
-    plugins = []
+    plugins = slurm_plugins()
     if cfg.trainer.sync_norm:
         try:
             from trainer.norm_sync import NormSyncPlugin  # engineer E's LayerSync plugin; optional module
