@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -31,6 +32,23 @@ class NormLayer(nn.Module):
     #: ``None``: statistics over the local batch. A process group (or ``dist.group.WORLD``):
     #: statistics over the union of the group's batches.
     process_group: object | None = None
+
+    def init_affine(self, num_features: int, affine: bool) -> None:
+        """Per-channel scale (ones) and shift (zeros) as ``weight``/``bias``, or both ``None``."""
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def init_running_stats(self, size: int, spread: str = "running_var") -> None:
+        """Buffers ``running_mean`` (zeros), ``spread`` (ones: ``running_var`` or ``running_std``) and
+        ``num_batches_tracked``, as torch's BatchNorm keeps them."""
+        self.register_buffer("running_mean", torch.zeros(size))
+        self.register_buffer(spread, torch.ones(size))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def bind_preceding(self, module: nn.Module) -> None:
         """Hand the layer the module whose output it normalises (only used where needed)."""

@@ -18,7 +18,7 @@ are used in eval; the affine is per channel. The batch moments come from
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlayers.base import NormLayer
 from normlayers.batchnorm import check_channels
@@ -46,16 +46,8 @@ class BatchGroupNorm(NormLayer):
         self.groups = groups
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(groups))
-        self.register_buffer("running_var", torch.ones(groups))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.init_affine(num_features, affine)
+        self.init_running_stats(groups)
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("bgn", x, self.num_features)

@@ -120,16 +120,8 @@ class CrossIterationBatchNorm(NormLayer):
         self.compensate = compensate
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.init_affine(num_features, affine)
+        self.init_running_stats(num_features)
         self._history: deque[_Iteration] = deque(maxlen=max(k, 1))
         # a plain attribute, not a submodule: the conv belongs to the model, not to this layer
         self.__dict__["_preceding"] = None

@@ -25,7 +25,7 @@ Unsynchronised, the ghost batches are a reshape of the local batch and their sta
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlayers.base import NormLayer
 from normlayers.batchnorm import check_channels
@@ -54,16 +54,8 @@ class GhostBatchNorm(NormLayer):
         self.virtual_batch = virtual_batch
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.init_affine(num_features, affine)
+        self.init_running_stats(num_features)
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("ghost", x, self.num_features)

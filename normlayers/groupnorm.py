@@ -26,7 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlayers.base import NormLayer
 from normlayers.batchnorm import check_channels
@@ -92,13 +92,7 @@ class _GroupedNorm(NormLayer):
         self.num_features = num_features
         self.groups = groups
         self.eps = eps
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.init_affine(num_features, affine)
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels(self.norm_name, x, self.num_features)
@@ -146,12 +140,7 @@ class InstanceNorm(NormLayer):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.init_affine(num_features, affine)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features))
             self.register_buffer("running_var", torch.ones(num_features))

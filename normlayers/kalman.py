@@ -127,15 +127,8 @@ class KalmanNorm(NormLayer):
             self.gain_logit = nn.Parameter(logit)
         else:
             self.register_buffer("gain_logit", logit)
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.init_affine(num_features, affine)
+        self.init_running_stats(num_features)
         # plain attributes, not submodules: the bound layers belong to the model
         self.__dict__["_transition"] = None
         self.__dict__["_previous"] = None

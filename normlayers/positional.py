@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlayers.base import NormLayer
 from normlayers.groupnorm import cast, check_spatial, compute_dtype
@@ -30,13 +30,7 @@ class PositionalNorm(NormLayer):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.init_affine(num_features, affine)
 
     def forward(self, x: Tensor) -> Tensor:
         check_spatial("pn", x, self.num_features)

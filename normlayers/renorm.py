@@ -26,7 +26,7 @@ synchronises them.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlayers.base import NormLayer
 from normlayers.batchnorm import check_channels
@@ -63,16 +63,8 @@ class BatchRenorm(NormLayer):
         self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_std", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.init_affine(num_features, affine)
+        self.init_running_stats(num_features, spread="running_std")
 
     def _progress(self, end: int) -> Tensor:
         """0 until the warm-up ends, then linear to 1 at step ``end`` (a tensor: no host sync)."""
