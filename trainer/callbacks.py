@@ -1,9 +1,13 @@
 """Cross-cutting behaviour of a run, as Lightning callbacks.
 
-- :class:`LayerProbe`: every N optimizer steps, per weight layer (conv, linear; ``NNN`` is its
-  depth index) the mean and std of its output and the norm of its weight gradient, logged as
-  ``probe/act_mean/NNN_<path>``, ``probe/act_std/NNN_<path>``, ``probe/grad_norm/NNN_<path>``.
-  Bjorck et al. 2018 follow exactly these quantities to show unnormalised deep nets blowing up.
+- :class:`LayerProbe`: every N optimizer steps from step 0 (the initialisation: the forward and the
+  gradient of the first step come before any update), per weight layer (conv, linear; ``NNN`` is
+  its depth index) the mean and std of its output and the norm of its weight gradient, logged as
+  ``probe/act_mean/NNN_<path>``, ``probe/act_std/NNN_<path>``, ``probe/grad_norm/NNN_<path>``,
+  and how concentrated the gradient on the logits is on one class, ``probe/grad_concentration``
+  (:func:`trainer.probes.logit_gradient_concentration`). Bjorck et al. 2018 follow exactly these
+  quantities to show unnormalised deep nets blowing up. The Fisher eigenvalue probe is
+  :class:`trainer.probes.FisherProbe`.
 - :class:`DivergenceGuard`: a non-finite loss, or one above ``factor`` times the first loss, stops
   training cleanly; ``diverged`` (0/1) and ``diverged_step`` are logged at the end.
 - :class:`EpochSeeding`: re-seeds torch's global generator from ``(seed, epoch, rank)`` at every
@@ -24,6 +28,7 @@ from torch import Tensor
 
 from trainer.data import derive_seed
 from trainer.models import probed_layers
+from trainer.probes import logit_gradient_concentration
 
 
 class LayerProbe(Callback):
@@ -40,13 +45,28 @@ class LayerProbe(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._step = trainer.global_step if self._active(trainer) else None
-        if self._step is None or not self.activations:
+        if self._step is None:
             return
-        for name, layer in probed_layers(pl_module.model):
-            self._hooks.append(layer.register_forward_hook(self._recorder(name)))
+        model = pl_module.model
+        self._hooks.append(model.register_forward_hook(self._logits_recorder(model, batch[1])))
+        if not self.activations:
+            return
+        for name, layer in probed_layers(model):
+            self._hooks.append(layer.register_forward_hook(self._recorder(name, layer)))
 
-    def _recorder(self, name: str):
+    # A copy of the model made meanwhile (the Fisher probe's) carries these hooks along: only the
+    # run's own modules are recorded.
+    def _logits_recorder(self, model: torch.nn.Module, targets: Tensor):
+        def record(module: torch.nn.Module, inputs: Any, logits: Tensor) -> None:
+            if module is model:
+                self._stats["probe/grad_concentration"] = logit_gradient_concentration(logits, targets)
+
+        return record
+
+    def _recorder(self, name: str, layer: torch.nn.Module):
         def record(module: torch.nn.Module, inputs: Any, output: Tensor) -> None:
+            if module is not layer:
+                return
             out = output.detach().float()
             self._stats[f"probe/act_mean/{name}"] = out.mean()
             self._stats[f"probe/act_std/{name}"] = out.std()

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
 from trainer.models import DEFAULT_WIDTH
+from trainer.models.norms import resolve_order
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -45,6 +46,8 @@ class ModelConfig:
     norm: Any = _opt("bn", "normalization spec for every norm site: 'bn', 'gn:groups=8' or {name: gn, groups: 8}")
     norm_placement: str = _opt("all", "all | final (only before the classifier, Bjorck et al. 2018) | none")
     norm_init_scale: float = _opt(1.0, "initial scale (gamma) of every norm layer that has one")
+    norm_order: str = _opt("auto", "auto | norm_act (weight-norm-ReLU) | act_norm (weight-ReLU-norm, before the next "
+                                   "weight layer, as the IC layer needs); auto: act_norm for ic, else norm_act")
 
 
 @dataclass
@@ -57,8 +60,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _opt("digits", "digits | cifar10 | cifar100 | synthetic")
-    path: str | None = _opt(None, "cifar10/cifar100: the directory holding the python-pickle batches")
+    name: str = _opt("digits", "digits | cifar10 | cifar100 | imagefolder | synthetic")
+    path: str | None = _opt(None, "cifar10/cifar100: the directory holding the python-pickle batches; "
+                                  "imagefolder: the directory with train/ and val/ folders of class folders")
     batch_size: int = _opt(64, "per-device batch size: what the norm layers see")
     val_batch_size: int = _opt(256, "per-device validation batch size")
     augment: bool = _opt(True, "random crop (and flip where it makes sense) on the device")
@@ -67,6 +71,8 @@ class DataConfig:
     val_split: float = _opt(0.2, "fraction of the training set held out for validation; "
                                  "0 = validate on the dataset's test split (cifar)")
     synthetic: SyntheticConfig = _opt(SyntheticConfig(), "synthetic data shape")
+    image_size: int = _opt(224, "imagefolder: training crop size (val: resize to size*256/224, center crop)")
+    num_workers: int = _opt(4, "imagefolder: DataLoader worker processes decoding the JPEGs")
 
 
 @dataclass
@@ -119,6 +125,10 @@ class ProbesConfig:
     gradients: bool = _opt(True, "probe weight-gradient norms")
     divergence_factor: float = _opt(10.0, "stop as diverged when the loss exceeds this multiple of its first "
                                           "value (0: only NaN/inf)")
+    fisher_every_n_steps: int = _opt(0, "largest Fisher eigenvalue and the lr it predicts (2/lambda_max, Wei et al. "
+                                        "2019) at step 0 and every N steps (0: off)")
+    fisher_iterations: int = _opt(20, "power iterations per Fisher eigenvalue estimate")
+    fisher_batch: int = _opt(64, "probe-batch size of the Fisher probe (the first samples of the first batch)")
 
 
 @dataclass
@@ -139,7 +149,7 @@ class ExperimentConfig:
 
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
-DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
     "cifar100": ("cifar-100-python", ["train", "test"]),
@@ -176,6 +186,23 @@ def cifar_dir(name: str, path: str) -> Path:
     return p / sub if (p / sub).is_dir() else p
 
 
+def check_imagefolder(d: DictConfig) -> None:
+    """The cheap part of checking an image folder (no listing of its files: a sweep checks every run)."""
+    if d.image_size < 8 or d.num_workers < 0:
+        raise ConfigError(f"data.image_size must be >= 8 and data.num_workers >= 0, got {d.image_size}, "
+                          f"{d.num_workers}")
+    if not d.path:
+        raise ConfigError("data.path: imagefolder needs the directory holding train/ and val/, each with one "
+                          "folder of images per class (the ImageNet layout); set data.path=...")
+    root = Path(d.path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.path: {d.path} does not exist (expected train/ and val/ folders of class folders)")
+    missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
+    if missing:
+        raise ConfigError(f"data.path: {d.path} has no {' or '.join(s + '/' for s in missing)}; expected train/ and "
+                          f"val/, each with one folder of images per class")
+
+
 def width_of(model: DictConfig) -> int:
     return model.width if model.width is not None else DEFAULT_WIDTH[model.arch]
 
@@ -203,6 +230,10 @@ def check_config(cfg: DictConfig) -> None:
         normlayers.build_norm(spec, width_of(m))
     except ValueError as e:
         raise ConfigError(f"model.norm: {e}") from None
+    try:
+        resolve_order(spec, m.norm_order)
+    except ValueError as e:
+        raise ConfigError(f"model.norm_order: {e}") from None
     positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size,
                 "optim.base_batch_size": o.base_batch_size, "trainer.devices": t.devices,
                 "trainer.num_nodes": t.num_nodes, "trainer.check_val_every_n_epoch": t.check_val_every_n_epoch}
@@ -217,6 +248,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("data.val_split: digits has no separate test split; use a fraction in (0, 1)")
     if d.name == "synthetic" and d.val_split == 0:
         raise ConfigError("data.val_split: synthetic data has no separate test split; use a fraction in (0, 1)")
+    if d.name == "imagefolder":
+        check_imagefolder(d)
     if d.name in CIFAR_FILES:
         sub, files = CIFAR_FILES[d.name]
         if not d.path:
@@ -243,6 +276,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.max_epochs: give max_epochs >= 1 or max_steps >= 1")
     if cfg.probes.every_n_steps < 0 or cfg.probes.divergence_factor < 0:
         raise ConfigError("probes.every_n_steps and probes.divergence_factor must be >= 0")
+    if cfg.probes.fisher_every_n_steps < 0 or cfg.probes.fisher_iterations < 1 or cfg.probes.fisher_batch < 1:
+        raise ConfigError("probes.fisher_every_n_steps must be >= 0, probes.fisher_iterations and "
+                          "probes.fisher_batch >= 1")
 
 
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:

@@ -2,7 +2,8 @@
 
 ``digits`` (scikit-learn's bundled 8x8 digits, a fixed stratified train/val split), ``cifar10``
 and ``cifar100`` (the standard python-pickle batches at ``data.path``) and ``synthetic``
-(class-dependent Gaussian images, for tests and benchmarks). Whole sets live on the device;
+(class-dependent Gaussian images, for tests and benchmarks); ``imagefolder`` (JPEG folders
+decoded in DataLoader workers) is in :mod:`trainer.imagefolder`. Whole sets live on the device;
 batches are gathered by index and augmented there (random crop by padding and shifting, random
 horizontal flip) on the whole batch at once, so no per-sample Python runs per step.
 
@@ -31,6 +32,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from trainer.config import CIFAR_FILES, ConfigError, cifar_dir
+from trainer.imagefolder import ImageFolderDataModule
 
 
 def derive_seed(*parts: int) -> int:
@@ -289,8 +291,8 @@ class SyntheticDataModule(InMemoryDataModule):
         return Split(images, labels), None, s.classes
 
 
-def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
+def build_datamodule(cfg: DictConfig) -> InMemoryDataModule | ImageFolderDataModule:
     """The data module for ``cfg.data`` (the full experiment config is passed for its seed)."""
     kinds = {"digits": DigitsDataModule, "cifar10": CifarDataModule, "cifar100": CifarDataModule,
-             "synthetic": SyntheticDataModule}
+             "imagefolder": ImageFolderDataModule, "synthetic": SyntheticDataModule}
     return kinds[cfg.data.name](cfg.data, cfg.seed)

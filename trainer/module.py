@@ -13,6 +13,8 @@ It builds ``cfg.model`` (see :mod:`trainer.models`), trains it with cross-entrop
 biases; linear warm-up; cosine, step or constant schedule; the lr optionally scaled linearly in
 the global batch), and logs ``train_loss``, ``train_acc`` (epoch means), ``val_loss``, ``val_acc``,
 ``val_acc_top5`` (more than 5 classes) and ``lr`` (every ``trainer.log_every_n_steps`` steps).
+With ``probes.fisher_every_n_steps > 0`` it brings its own :class:`~trainer.probes.FisherProbe`
+callback (``configure_callbacks``), so the probe comes with the module wherever it is trained.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from normlayers import NormLayer
 from trainer.models import build_model
+from trainer.probes import FisherProbe
 
 
 def effective_lr(optim: Any, global_batch_size: int) -> float:
@@ -83,6 +86,14 @@ class NormClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        probes, optim = self.config["probes"], self.config["optim"]
+        every = probes.get("fisher_every_n_steps", 0)
+        if not every:
+            return []
+        return [FisherProbe(every, probes["fisher_iterations"], probes["fisher_batch"], optim["momentum"],
+                            optim["nesterov"], self.config["seed"])]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:

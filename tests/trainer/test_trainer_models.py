@@ -8,7 +8,7 @@ from torch import nn
 
 import normlayers
 from normlayers import NormLayer
-from trainer import NormClassifier, load_config
+from trainer import ConfigError, NormClassifier, load_config
 from trainer.models import build_model
 from trainer.module import lr_factor, parameter_groups
 
@@ -143,3 +143,72 @@ def test_channels_last_gives_the_same_logits():
     assert fast.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def forward_order(m: nn.Module, x: torch.Tensor) -> list[str]:
+    """The leaf modules in the order a forward pass calls them, as type names."""
+    calls: list[str] = []
+    hooks = [leaf.register_forward_hook(lambda mod, i, o: calls.append(type(mod).__name__))
+             for leaf in m.modules() if not list(leaf.children())]
+    m(x)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+def after_relu_before_weight(order: list[str], norm_cls: str) -> bool:
+    """Every ``norm_cls`` call comes right after a ReLU, and the next weight layer is the next real call."""
+    for i, name in enumerate(order):
+        if name != norm_cls:
+            continue
+        following = [n for n in order[i + 1:] if n not in ("Identity", "PadShortcut")]
+        if order[i - 1] != "ReLU" or following[0] not in ("Conv2d", "Linear"):
+            return False
+    return True
+
+
+def test_ic_goes_after_the_relu_before_the_next_weight_layer():
+    x = torch.randn(4, 3, 16, 16)
+    ic_cls, bn_cls = type(normlayers.build_norm("ic", 4)).__name__, type(normlayers.build_norm("bn", 4)).__name__
+    # CIFAR ResNet-8, stem then the first block (identity shortcut): conv1 ReLU IC conv2 (+x) ReLU IC
+    ic = forward_order(model(norm="ic", depth=8, width=4), x)
+    assert ic[:10] == ["Conv2d", "ReLU", ic_cls, "Conv2d", "ReLU", ic_cls, "Conv2d", "Identity", "ReLU", ic_cls]
+    assert ic.count(ic_cls) == 7 and after_relu_before_weight(ic, ic_cls)
+    bn = forward_order(model(norm="bn", depth=8, width=4), x)
+    assert bn[:10] == ["Conv2d", bn_cls, "ReLU", "Conv2d", bn_cls, "ReLU", "Conv2d", bn_cls, "Identity", "ReLU"]
+    assert not after_relu_before_weight(bn, bn_cls)
+    # either order on request
+    forced = forward_order(model(norm="bn", depth=8, width=4, norm_order="act_norm"), x)
+    assert after_relu_before_weight(forced, bn_cls) and forced.count(bn_cls) == 7
+    assert forward_order(model(norm="ic", depth=8, width=4, norm_order="norm_act"), x)[:3] == [
+        "Conv2d", ic_cls, "ReLU"]
+    for arch, depth, kw in (("cifar_preact_resnet", 8, {}), ("plain_cnn", 3, {}), ("mlp", 2, {"width": 8}),
+                            ("resnet", 18, {}), ("resnet", 50, {})):
+        order = forward_order(model(arch, depth, norm="ic", **{"width": 4, **kw}), torch.randn(2, 3, 32, 32))
+        sites = len(norm_sites(model(arch, depth, norm="bn", **{"width": 4, **kw}), "bn"))
+        if arch != "resnet":  # resnet's projection shortcuts keep conv -> norm (no activation on that path)
+            assert after_relu_before_weight(order, ic_cls), (arch, order)
+        assert order.count(ic_cls) == sites and order[-1] == "Linear"
+    assert forward_order(model("mlp", 2, norm="ic", width=8), torch.randn(2, 3, 32, 32)) == [
+        "Flatten", "Linear", "ReLU", ic_cls, "Linear", "ReLU", ic_cls, "Identity", "Linear"]
+
+
+def test_act_norm_is_refused_where_it_makes_no_sense():
+    for norm in ("cbn", "kn", "frn"):
+        with pytest.raises(ValueError, match="model.norm_order: act_norm"):
+            model(norm=norm, depth=8, norm_order="act_norm")
+        with pytest.raises(ConfigError, match=r"^model\.norm_order: act_norm .* use norm_act or auto$"):
+            load_config(None, [f"model.norm={norm}", "model.norm_order=act_norm"])
+    with pytest.raises(ConfigError, match="model.norm_order: must be one of auto, norm_act, act_norm"):
+        load_config(None, ["model.norm_order=sideways"])
+
+
+def test_kalman_layers_are_chained_in_module_order():
+    m = model(norm="kn", depth=8, width=4)
+    layers = norm_sites(m, "kn")
+    assert len(layers) == 7
+    assert layers[0].__dict__["_previous"] is None
+    assert all(b.__dict__["_previous"] is a for a, b in zip(layers, layers[1:], strict=False))
+    m.train()(torch.randn(4, 3, 8, 8))
+    # the first block's first layer predicts from the stem's estimate (same channels, same step)
+    assert m.blocks[0].norm1.prediction() is not None and layers[0].prediction() is None

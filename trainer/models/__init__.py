@@ -3,7 +3,8 @@
 ``build_model(model_cfg, num_classes, in_channels, image_size)`` builds ``model.arch``:
 ``cifar_resnet`` / ``cifar_preact_resnet`` (He et al. 2016, depth 6n+2), ``resnet``
 (ImageNet-style, depth 18/34/50/101/152), ``plain_cnn`` and ``mlp`` (depth studies). Every norm
-site uses ``model.norm`` under ``model.norm_placement`` (see :mod:`trainer.models.norms`).
+site uses ``model.norm`` under ``model.norm_placement`` and ``model.norm_order`` (see
+:mod:`trainer.models.norms`); kn layers are chained in module order (``link_kalman_layers``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import normlayers
 from trainer.models.cifar_resnet import CifarResNet
 from trainer.models.norms import NormSites
 from trainer.models.plain import MLP, PlainCNN
@@ -30,14 +32,18 @@ def build_model(model_cfg: Any, num_classes: int, in_channels: int, image_size: 
         raise ValueError(f"unknown model.arch {arch!r}; choose from {', '.join(DEFAULT_WIDTH)}")
     width = model_cfg.get("width") or DEFAULT_WIDTH[arch]
     norms = NormSites(model_cfg.get("norm", "bn"), model_cfg.get("norm_placement", "all"),
-                      float(model_cfg.get("norm_init_scale", 1.0)))
+                      float(model_cfg.get("norm_init_scale", 1.0)), model_cfg.get("norm_order", "auto"))
     if arch in ("cifar_resnet", "cifar_preact_resnet"):
-        return CifarResNet(depth, num_classes, in_channels, width, norms, preact=arch == "cifar_preact_resnet")
-    if arch == "resnet":
-        return ResNet(depth, num_classes, in_channels, width, norms)
-    if arch == "plain_cnn":
-        return PlainCNN(depth, num_classes, in_channels, width, norms)
-    return MLP(depth, num_classes, in_channels * image_size * image_size, width, norms)
+        model = CifarResNet(depth, num_classes, in_channels, width, norms, preact=arch == "cifar_preact_resnet")
+    elif arch == "resnet":
+        model = ResNet(depth, num_classes, in_channels, width, norms)
+    elif arch == "plain_cnn":
+        model = PlainCNN(depth, num_classes, in_channels, width, norms)
+    else:
+        model = MLP(depth, num_classes, in_channels * image_size * image_size, width, norms)
+    # Kalman Normalization carries each layer's estimate to the next kn layer (no-op without kn)
+    normlayers.link_kalman_layers(model)
+    return model
 
 
 def probed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

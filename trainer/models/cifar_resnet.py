@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.models.norms import NormSites, activation_after, init_weights
+from trainer.models.norms import NormSites, activation_after, init_weights, site
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -39,10 +39,12 @@ def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """conv-norm-ReLU-conv-norm, add the shortcut, ReLU (post-activation)."""
+    """conv-norm-ReLU-conv-norm, add the shortcut, ReLU (post-activation); under ``act_norm``
+    conv-ReLU-norm-conv, add the shortcut, ReLU-norm."""
 
     def __init__(self, cin: int, cout: int, stride: int, norms: NormSites):
         super().__init__()
+        self.act_first = norms.act_first
         self.conv1 = conv3x3(cin, cout, stride)
         self.norm1 = norms.inner(cout, self.conv1)
         self.act1 = activation_after(self.norm1)
@@ -53,15 +55,18 @@ class BasicBlock(nn.Module):
         self.shortcut = shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.norm1(self.conv1(x)))
+        out = site(self.conv1(x), self.norm1, self.act1, self.act_first)
+        if self.act_first:
+            return self.norm2(self.act2(self.conv2(out) + self.shortcut(x)))
         return self.act2(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
 class PreActBlock(nn.Module):
-    """norm-ReLU-conv-norm-ReLU-conv, add the shortcut (pre-activation)."""
+    """norm-ReLU-conv-norm-ReLU-conv, add the shortcut (pre-activation); ReLU-norm-conv under ``act_norm``."""
 
     def __init__(self, cin: int, cout: int, stride: int, norms: NormSites, preceding: nn.Module):
         super().__init__()
+        self.act_first = norms.act_first
         self.norm1 = norms.inner(cin, preceding)
         self.act1 = activation_after(self.norm1)
         self.conv1 = conv3x3(cin, cout, stride)
@@ -71,8 +76,8 @@ class PreActBlock(nn.Module):
         self.shortcut = shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(self.act1(self.norm1(x)))
-        return self.conv2(self.act2(self.norm2(out))) + self.shortcut(x)
+        out = self.conv1(site(x, self.norm1, self.act1, self.act_first))
+        return self.conv2(site(out, self.norm2, self.act2, self.act_first)) + self.shortcut(x)
 
 
 class CifarResNet(nn.Module):
@@ -85,6 +90,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
         self.preact = preact
+        self.act_first = norms.act_first
         self.stem = conv3x3(in_channels, width)
         if preact:
             self.stem_norm, self.stem_act = nn.Identity(), nn.Identity()
@@ -111,6 +117,6 @@ class CifarResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem_act(self.stem_norm(self.stem(x)))
-        x = self.final_act(self.final_norm(self.blocks(x)))
+        x = site(self.stem(x), self.stem_norm, self.stem_act, self.act_first)
+        x = site(self.blocks(x), self.final_norm, self.final_act, self.act_first)
         return self.fc(x.mean(dim=(2, 3)))

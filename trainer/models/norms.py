@@ -11,28 +11,60 @@ the configured spec and which get the identity (``none``):
 Each built layer is handed the module whose output it normalises (``bind_preceding``), and
 :func:`activation_after` gives no ReLU after a layer that includes its own activation (FRN+TLU,
 EvoNorm, Proxy Norm).
+
+Order (``model.norm_order``): ``norm_act`` is the usual weight -> norm -> ReLU; ``act_norm`` puts
+each norm after its activation, right before the next weight layer (weight -> ReLU -> norm ->
+weight), the ordering the Independent-Component layer needs (Chen et al. 2019: "... -> ReLU -> IC
+-> Weight"); ``auto`` is ``act_norm`` for a layer class that declares ``before_weight_layer``
+(``ic``) and ``norm_act`` otherwise. Layers that include their activation, or that model the
+weight layer before them (``needs_preceding_weight``: cbn's Taylor compensation, kn's transition),
+only make sense right after that weight layer, so ``act_norm`` is refused for them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 import normlayers
 
 PLACEMENTS = ("all", "final", "none")
+ORDERS = ("auto", "norm_act", "act_norm")
+
+
+def resolve_order(spec: Any, order: str = "auto") -> str:
+    """``norm_act`` or ``act_norm`` for ``spec`` under ``model.norm_order``; ValueError (one line) if it cannot be."""
+    if order not in ORDERS:
+        raise ValueError(f"must be one of {', '.join(ORDERS)}, got {order!r}")
+    cls = normlayers.norm_class(spec)
+    if order == "auto":
+        return "act_norm" if getattr(cls, "before_weight_layer", False) else "norm_act"
+    if order == "act_norm" and (cls.includes_activation or cls.needs_preceding_weight):
+        why = "includes its activation" if cls.includes_activation else "models the weight layer right before it"
+        raise ValueError(f"act_norm puts the norm after the ReLU, but {cls.norm_name} {why}; "
+                         f"use norm_act or auto")
+    return order
 
 
 class NormSites:
     """Builds the norm layer of every site of one model from one spec and a placement."""
 
-    def __init__(self, spec: Any, placement: str = "all", init_scale: float = 1.0):
+    def __init__(self, spec: Any, placement: str = "all", init_scale: float = 1.0, order: str = "auto"):
         if placement not in PLACEMENTS:
             raise ValueError(f"norm placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self.spec = spec
         self.placement = placement
         self.init_scale = init_scale
+        try:
+            self.order = resolve_order(spec, order)
+        except ValueError as e:
+            raise ValueError(f"model.norm_order: {e}") from None
+
+    @property
+    def act_first(self) -> bool:
+        """True under ``act_norm``: every site is ReLU -> norm instead of norm -> ReLU."""
+        return self.order == "act_norm"
 
     def _build(self, channels: int, preceding: nn.Module | None, enabled: bool) -> nn.Module:
         layer = normlayers.build_norm(self.spec if enabled else "none", channels)
@@ -55,6 +87,11 @@ class NormSites:
     def added_final(self, channels: int, preceding: nn.Module | None) -> nn.Module:
         """The site before the classifier of nets that have none of their own: used by ``final`` only."""
         return self._build(channels, preceding, self.placement == "final")
+
+
+def site(x: Tensor, norm: nn.Module, act: nn.Module, act_first: bool) -> Tensor:
+    """One norm site: ``act(norm(x))``, or ``norm(act(x))`` under ``act_norm``."""
+    return norm(act(x)) if act_first else act(norm(x))
 
 
 def activation_after(norm: nn.Module) -> nn.Module:

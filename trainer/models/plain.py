@@ -1,10 +1,11 @@
 """Networks without shortcuts for depth studies: a plain deep CNN and an MLP.
 
-The plain CNN is a stack of ``depth`` conv-norm-ReLU layers (3x3), doubling the width and halving
-the resolution at one and two thirds of the depth, then average pooling and a linear classifier:
-the "plain" baseline of He et al. 2016 at any depth. The MLP is ``depth`` hidden
-linear-norm-ReLU layers of ``width`` units on the flattened image; its norm layers see (N, C)
-input. Both exist to reproduce depth effects without normalization (Bjorck et al. 2018).
+The plain CNN is a stack of ``depth`` conv-norm-ReLU layers (3x3; conv-ReLU-norm under
+``act_norm``), doubling the width and halving the resolution at one and two thirds of the depth,
+then average pooling and a linear classifier: the "plain" baseline of He et al. 2016 at any
+depth. The MLP is ``depth`` hidden linear-norm-ReLU layers of ``width`` units on the flattened
+image; its norm layers see (N, C) input. Both exist to reproduce depth effects without
+normalization (Bjorck et al. 2018).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class PlainCNN(nn.Module):
                 stride, cout = 2, cout * 2
             conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
             norm = norms.inner(cout, conv)
-            layers += [conv, norm, activation_after(norm)]
+            act = activation_after(norm)
+            layers += [conv, act, norm] if norms.act_first else [conv, norm, act]
             cin = cout
         self.features = nn.Sequential(*layers)
         self.final_norm = norms.added_final(cin, conv)
@@ -52,7 +54,8 @@ class MLP(nn.Module):
         for _ in range(depth):
             linear = nn.Linear(cin, width, bias=False)
             norm = norms.inner(width, linear)
-            layers += [linear, norm, activation_after(norm)]
+            act = activation_after(norm)
+            layers += [linear, act, norm] if norms.act_first else [linear, norm, act]
             cin = width
         self.features = nn.Sequential(*layers)
         self.final_norm = norms.added_final(cin, linear)

@@ -6,13 +6,15 @@ conv stem with 3x3 max pooling, four stages of basic (18, 34) or bottleneck (50+
 (1x1 conv + norm) where the shape changes, global average pooling and a linear classifier.
 Post-activation blocks as in the paper (stride on the 3x3 conv of the bottleneck, as in
 torchvision's "ResNet v1.5").
+Under ``model.norm_order=act_norm`` every block site is ReLU -> norm (after the addition for the
+last one); a projection shortcut keeps conv -> norm, there being no activation on that path.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from trainer.models.norms import NormSites, activation_after, init_weights
+from trainer.models.norms import NormSites, activation_after, init_weights, site
 
 LAYOUT = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
@@ -37,6 +39,7 @@ class Basic(nn.Module):
 
     def __init__(self, cin: int, mid: int, stride: int, norms: NormSites):
         super().__init__()
+        self.act_first = norms.act_first
         self.conv1 = nn.Conv2d(cin, mid, 3, stride=stride, padding=1, bias=False)
         self.norm1 = norms.inner(mid, self.conv1)
         self.act1 = activation_after(self.norm1)
@@ -46,7 +49,9 @@ class Basic(nn.Module):
         self.shortcut = _shortcut(cin, mid, stride, norms)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.norm1(self.conv1(x)))
+        out = site(self.conv1(x), self.norm1, self.act1, self.act_first)
+        if self.act_first:
+            return self.norm2(self.act2(self.conv2(out) + self.shortcut(x)))
         return self.act2(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
@@ -55,6 +60,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, cin: int, mid: int, stride: int, norms: NormSites):
         super().__init__()
+        self.act_first = norms.act_first
         cout = mid * self.expansion
         self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
         self.norm1 = norms.inner(mid, self.conv1)
@@ -68,8 +74,10 @@ class Bottleneck(nn.Module):
         self.shortcut = _shortcut(cin, cout, stride, norms)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.norm1(self.conv1(x)))
-        out = self.act2(self.norm2(self.conv2(out)))
+        out = site(self.conv1(x), self.norm1, self.act1, self.act_first)
+        out = site(self.conv2(out), self.norm2, self.act2, self.act_first)
+        if self.act_first:
+            return self.norm3(self.act3(self.conv3(out) + self.shortcut(x)))
         return self.act3(self.norm3(self.conv3(out)) + self.shortcut(x))
 
 
@@ -83,6 +91,7 @@ class ResNet(nn.Module):
         self.stem = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         self.stem_norm = norms.inner(width, self.stem)
         self.stem_act = activation_after(self.stem_norm)
+        self.act_first = norms.act_first
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         blocks: list[nn.Module] = []
         cin = width
@@ -98,6 +107,6 @@ class ResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.stem_act(self.stem_norm(self.stem(x))))
+        x = self.pool(site(self.stem(x), self.stem_norm, self.stem_act, self.act_first))
         x = self.final_norm(self.blocks(x))
         return self.fc(x.mean(dim=(2, 3)))
