@@ -7,19 +7,29 @@ are read with MLflow's search API, grouped over seeds, and turned into three pan
    norm, mean and spread over seeds, each point at the learning rate that did best there;
 2. learning-rate stability: norm x learning rate heat maps (one per batch size) coloured by final
    validation accuracy, diverged cells marked, the largest stable learning rate per norm outlined;
-3. depth statistics: activation std and gradient norm per layer, for runs that logged probes.
+3. depth statistics: activation std and gradient norm per layer, for runs that logged probes, at
+   the end of training (solid) and at initialisation (dashed, the probes' step-0 values), one line
+   per norm (``none`` for the unnormalised net), after Bjorck et al. 2018;
+4. output-gradient concentration at initialisation per norm (``probe/grad_concentration`` at step
+   0: the share of the logit-gradient norm on the single most-affected class, Bjorck et al. 2018);
+5. beside the stability panel, the learning rate the Fisher matrix predicts at initialisation
+   (``fisher/lr_max`` = 2 / lambda_max, Wei et al. 2019; with momentum 2 (1 + mu) / lambda_max) next
+   to the largest stable learning rate observed, per norm and batch size.
 
 The output directory gets one PNG per panel, ``report.md`` (tables and notes) and ``report.html``
 (the same, images embedded, so it opens anywhere). The files are also logged as artifacts of a
 run tagged ``normlab.kind=report`` in the same experiment; it has no ``run_key`` tag, so sweep
 status and resubmission ignore it. What the runs do not allow (one seed: no spread, one learning
-rate: no stability panel, no probes: no depth panel) is said in the notes instead.
+rate: no stability panel, no probes: no depth panel, no Fisher metrics: no Fisher panel) is said
+in the notes instead. Initial values are read from the metric histories (step 0) of the runs that
+need them only: the depth panel's runs and the runs that logged the concentration or Fisher probes.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import math
 import os
@@ -33,7 +43,10 @@ from pathlib import Path
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPORT_TAG = ("normlab.kind", "report")
 PROBE_METRIC = re.compile(r"^probe/(act_std|grad_norm)/(\d{3})_(.+)$")
-FIGURE_FILES = {"batch": "batch_regimes.png", "lr": "lr_stability.png", "depth": "depth_stats.png"}
+FIGURE_FILES = {"batch": "batch_regimes.png", "lr": "lr_stability.png", "depth": "depth_stats.png",
+                "concentration": "grad_concentration.png", "fisher": "fisher_lr.png"}
+CONCENTRATION = "probe/grad_concentration"
+FISHER_KEYS = ("fisher/lambda_max", "fisher/lr_max", "fisher/lr_max_momentum")
 
 
 class ReportError(Exception):
@@ -54,6 +67,8 @@ class RunRecord:
     act_std: dict[int, float] = field(default_factory=dict)  # layer depth index -> final value
     grad_norm: dict[int, float] = field(default_factory=dict)
     layer_names: dict[int, str] = field(default_factory=dict)  # depth index -> module path
+    metric_keys: frozenset[str] = frozenset()
+    initial: dict[str, float] = field(default_factory=dict)  # metric key -> its value at step 0 (initialisation)
 
 
 @dataclass
@@ -102,6 +117,7 @@ def record_from_run(run) -> RunRecord | None:
         act_std=probes["act_std"],
         grad_norm=probes["grad_norm"],
         layer_names=layer_names,
+        metric_keys=frozenset(metrics),
     )
 
 
@@ -155,7 +171,25 @@ def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple
         notes.append(f"{foreign} run(s) of the experiment are not in this sweep's grid: left out")
     if keys is not None and len(seen_keys) < len(keys):
         notes.append(f"{len(keys) - len(seen_keys)} of the sweep's {len(keys)} runs have no finished MLflow run yet")
-    return records, notes
+    return with_initial_values(client, records), notes
+
+
+def with_initial_values(client, records: list[RunRecord]) -> list[RunRecord]:
+    """The records with ``initial`` filled from the metric histories (value at step 0), for the
+    depth panel's runs (per-layer probes) and for every run that logged concentration or Fisher metrics."""
+    setting = depth_setting(records)
+    out = []
+    for r in records:
+        wanted = [k for k in (CONCENTRATION, *FISHER_KEYS) if k in r.metric_keys]
+        if setting is not None and (r.batch_size, r.lr) == setting and not r.diverged:
+            wanted += sorted(k for k in r.metric_keys if PROBE_METRIC.match(k))
+        initial = {}
+        for key in wanted:
+            at_zero = [m.value for m in client.get_metric_history(r.run_id, key) if m.step == 0]
+            if at_zero:
+                initial[key] = at_zero[-1]
+        out.append(dataclasses.replace(r, initial=initial) if initial else r)
+    return out
 
 
 # ---------------------------------------------------------------- grouping
@@ -225,17 +259,18 @@ def lr_stability_data(records: list[RunRecord]) -> dict:
 def depth_data(records: list[RunRecord]) -> dict | None:
     """Per-layer activation std and gradient norm per norm, averaged over seeds, at one setting.
 
-    The setting is the (batch size, learning rate) at which the most norms have probe runs (ties:
-    smallest batch, then smallest learning rate), so the lines compare norms and nothing else.
+    The setting is :func:`depth_setting`'s, one (batch size, learning rate) for every line, so the
+    lines compare norms and nothing else.
     Returns None when no run that finished logged probes.
     """
-    probed = [r for r in records if (r.act_std or r.grad_norm) and not r.diverged]
-    if not probed:
+    setting = depth_setting(records)
+    if setting is None:
         return None
+    batch_size, lr = setting
+    probed = [r for r in records if (r.act_std or r.grad_norm) and not r.diverged]
     norms_at = defaultdict(set)
     for r in probed:
         norms_at[(r.batch_size, r.lr)].add(r.norm)
-    batch_size, lr = min(norms_at, key=lambda key: (-len(norms_at[key]), key))
     lines = {}
     for norm in sorted(norms_at[(batch_size, lr)]):
         runs = [r for r in probed if (r.norm, r.batch_size, r.lr) == (norm, batch_size, lr)]
@@ -246,9 +281,66 @@ def depth_data(records: list[RunRecord]) -> dict | None:
             "names": [names[i] for i in layers],
             "act_std": [_mean_of([r.act_std.get(i) for r in runs]) for i in layers],
             "grad_norm": [_mean_of([r.grad_norm.get(i) for r in runs]) for i in layers],
+            "act_std_init": [_mean_of([_initial_probe(r, "act_std", i) for r in runs]) for i in layers],
+            "grad_norm_init": [_mean_of([_initial_probe(r, "grad_norm", i) for r in runs]) for i in layers],
             "runs": len(runs),
         }
     return {"batch_size": batch_size, "lr": lr, "norms": lines}
+
+
+def depth_setting(records: list[RunRecord]) -> tuple[int, float] | None:
+    """The (batch size, lr) of the depth panel: where the most norms have finished probe runs; ties go
+    to the setting whose probe runs reached the best mean val_acc (in an lr sweep: where the nets
+    trained, not where they barely moved or failed), then the smallest batch and lr. None without probe runs."""
+    norms_at, accs = defaultdict(set), defaultdict(list)
+    for r in records:
+        if (r.act_std or r.grad_norm) and not r.diverged:
+            norms_at[(r.batch_size, r.lr)].add(r.norm)
+            if r.val_acc is not None:
+                accs[(r.batch_size, r.lr)].append(r.val_acc)
+    if not norms_at:
+        return None
+    return min(norms_at, key=lambda key: (-len(norms_at[key]), -statistics.fmean(accs[key] or [0.0]), key))
+
+
+def _initial_probe(record: RunRecord, stat: str, layer: int) -> float | None:
+    name = record.layer_names.get(layer)
+    return None if name is None else record.initial.get(f"probe/{stat}/{layer:03d}_{name}")
+
+
+def concentration_data(records: list[RunRecord]) -> dict:
+    """Output-gradient concentration at initialisation per norm over all its runs:
+    ``{norm: {"runs", "mean", "min", "max"}}`` (norms without step-0 values left out)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if CONCENTRATION in r.initial:
+            values[r.norm].append(r.initial[CONCENTRATION])
+    return {norm: {"runs": len(v), "mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+            for norm, v in sorted(values.items())}
+
+
+def fisher_data(records: list[RunRecord]) -> dict:
+    """Per (norm, batch size): the Fisher probe at initialisation (means over runs) and the largest stable
+    lr observed. ``{(norm, batch): {"runs", "lambda_max", "lr_max", "lr_max_momentum", "largest_stable_lr",
+    "any_diverged"}}``; ``largest_stable_lr`` is None when every lr diverged, and only a lower bound of the
+    true limit when no lr diverged (``any_diverged`` False)."""
+    stability = lr_stability_data(records)["batch_sizes"]
+    grouped: dict[tuple[str, int], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if "fisher/lambda_max" in r.initial:
+            grouped[(r.norm, r.batch_size)].append(r)
+    data = {}
+    for (norm, batch_size), runs in sorted(grouped.items()):
+        same = [r for r in records if (r.norm, r.batch_size) == (norm, batch_size)]
+        data[(norm, batch_size)] = {
+            "runs": len(runs),
+            "lambda_max": statistics.fmean(r.initial["fisher/lambda_max"] for r in runs),
+            "lr_max": _mean_of([r.initial.get("fisher/lr_max") for r in runs]),
+            "lr_max_momentum": _mean_of([r.initial.get("fisher/lr_max_momentum") for r in runs]),
+            "largest_stable_lr": stability[batch_size]["largest_stable_lr"].get(norm),
+            "any_diverged": any(r.diverged for r in same),
+        }
+    return data
 
 
 def _mean_of(values: list[float | None]) -> float | None:
@@ -348,28 +440,40 @@ def _outline(col: int, row: int):
 
 
 def plot_depth(data: dict, path: Path) -> dict:
-    """Activation std and gradient norm per layer, one line per norm; returns ``{norm: {stat: (x, y)}}``."""
+    """Activation std and gradient norm per layer, one line per norm at the end (solid) and, where the
+    probes have step-0 values, at initialisation (dashed); returns ``{norm: {stat: (x, y)}}`` with
+    ``stat`` in act_std, grad_norm, act_std_init, grad_norm_init."""
     fig, (ax_act, ax_grad) = _figure(10, 4, 2)
     drawn = {}
     for norm, line in data["norms"].items():
         drawn[norm] = {}
         for ax, stat in ((ax_act, "act_std"), (ax_grad, "grad_norm")):
-            points = [(i, v) for i, v in zip(line["layers"], line[stat], strict=True) if v is not None]
-            if points:
-                x, y = zip(*points, strict=True)
-                ax.plot(x, y, marker="o", label=norm)
-                drawn[norm][stat] = (list(x), list(y))
+            color = None
+            for key, style, label in ((stat, "-", norm), (f"{stat}_init", "--", f"{norm} (init)")):
+                values = line.get(key, [None] * len(line["layers"]))
+                points = [(i, v) for i, v in zip(line["layers"], values, strict=True) if v is not None]
+                if points:
+                    x, y = zip(*points, strict=True)
+                    (drawn_line,) = ax.plot(x, y, style, marker="o", label=label, color=color)
+                    color = drawn_line.get_color()  # the init line in its norm's colour
+                    drawn[norm][key] = (list(x), list(y))
     layers = sorted({i for line in data["norms"].values() for i in line["layers"]})
     for ax, label in ((ax_act, "activation std"), (ax_grad, "gradient norm")):
-        ax.set_xticks(layers)
+        if len(layers) <= 24:  # deeper nets (ResNet-110: 111 layers) keep matplotlib's own integer ticks
+            ax.set_xticks(layers)
         ax.set_xlabel("layer (depth index)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(title="norm")
-    grad_values = [y for stats in drawn.values() for y in stats.get("grad_norm", ((), ()))[1]]
+    grad_values = [y for stats in drawn.values() for key in ("grad_norm", "grad_norm_init")
+                   for y in stats.get(key, ((), ()))[1]]
     if grad_values and min(grad_values) > 0:  # gradient norms span decades across depth
         ax_grad.set_yscale("log")
+    act_values = [y for stats in drawn.values() for key in ("act_std", "act_std_init")
+                  for y in stats.get(key, ((), ()))[1]]
+    if act_values and min(act_values) > 0 and max(act_values) > 50 * min(act_values):  # unnormalised nets blow up
+        ax_act.set_yscale("log")
     fig.suptitle(f"Depth statistics at per-device batch {data['batch_size']}, lr {_lr_label(data['lr'])}")
     fig.savefig(path, dpi=110)
     return drawn
@@ -433,12 +537,94 @@ def build_report(records: list[RunRecord], out: Path) -> tuple[list[Section], li
         notes.append("no finished run logged probe metrics (probe/act_std/..., probe/grad_norm/...): no depth panel")
     else:
         plotted["depth"] = plot_depth(depth, out / FIGURE_FILES["depth"])
-        rows = [[norm, str(layer), name, _fmt(a), _fmt(g)] for norm, line in depth["norms"].items()
-                for layer, name, a, g in zip(line["layers"], line["names"], line["act_std"], line["grad_norm"],
-                                             strict=True)]
+        rows = [[norm, str(layer), name, _fmt(a), _fmt(g), _fmt(a0), _fmt(g0)]
+                for norm, line in depth["norms"].items()
+                for layer, name, a, g, a0, g0 in zip(line["layers"], line["names"], line["act_std"], line["grad_norm"],
+                                                     line["act_std_init"], line["grad_norm_init"], strict=True)]
         title = f"Depth statistics (per-device batch {depth['batch_size']}, lr {_lr_label(depth['lr'])})"
         sections.append(Section(title, FIGURE_FILES["depth"], [
-            Table("Per-layer statistics, mean over seeds", ["norm", "layer", "module", "act std", "grad norm"], rows)]))
+            Table("Per-layer statistics, mean over seeds",
+                  ["norm", "layer", "module", "act std", "grad norm", "act std (init)", "grad norm (init)"], rows)]))
+    return sections, notes, plotted
+
+
+def plot_concentration(data: dict, path: Path) -> dict:
+    """Bars of the mean concentration at initialisation per norm (min-max whiskers); returns ``{norm: mean}``."""
+    fig, (ax,) = _figure(max(4.0, 1.2 * len(data)), 3.5)
+    norms = list(data)
+    means = [data[n]["mean"] for n in norms]
+    low = [data[n]["mean"] - data[n]["min"] for n in norms]
+    high = [data[n]["max"] - data[n]["mean"] for n in norms]
+    ax.bar(range(len(norms)), means, yerr=[low, high], capsize=4)
+    ax.set_xticks(range(len(norms)), norms)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of the logit-gradient norm\non the most-affected class")
+    fig.suptitle("Output-gradient concentration at initialisation (bars: mean, whiskers: min-max)")
+    fig.savefig(path, dpi=110)
+    return dict(zip(norms, means, strict=True))
+
+
+def plot_fisher(data: dict, path: Path) -> dict:
+    """Predicted lr_max (GD, heavy-ball) and the largest stable lr observed per (norm, batch), log scale;
+    returns ``{(norm, batch): {"lr_max", "lr_max_momentum", "largest_stable_lr"}}``."""
+    fig, (ax,) = _figure(max(5.0, 1.1 * len(data)), 4)
+    drawn = {}
+    labels = []
+    for x, ((norm, batch_size), point) in enumerate(data.items()):
+        labels.append(f"{norm}\nbatch {batch_size}")
+        drawn[(norm, batch_size)] = {k: point[k] for k in ("lr_max", "lr_max_momentum", "largest_stable_lr")}
+        for key, marker, color, label in (("lr_max", "v", "tab:blue", "2 / lambda_max (GD)"),
+                                          ("lr_max_momentum", "^", "tab:cyan", "2 (1 + mu) / lambda_max"),
+                                          ("largest_stable_lr", "s", "black", "largest stable lr observed")):
+            if point[key] is not None:
+                ax.scatter([x], [point[key]], marker=marker, color=color, s=60, label=label if x == 0 else None)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("learning rate")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.suptitle("Largest lr: Fisher prediction at init vs observed")
+    fig.savefig(path, dpi=110)
+    return drawn
+
+
+def study_sections(records: list[RunRecord], out: Path) -> tuple[list[Section], list[str], dict]:
+    """The concentration and Fisher panels (issue 8's probes); same return shape as :func:`build_report`
+    (plotted keys ``"concentration"``, ``"fisher"``). Kept apart so that experiments without these
+    probes report exactly as before, with a note on what is missing."""
+    sections: list[Section] = []
+    notes: list[str] = []
+    plotted: dict = {}
+    if not records:
+        return sections, notes, plotted
+    concentration = concentration_data(records)
+    if not concentration:
+        notes.append(f"no run logged {CONCENTRATION} at step 0 (probes.every_n_steps > 0): "
+                     "no output-gradient concentration panel")
+    else:
+        plotted["concentration"] = plot_concentration(concentration, out / FIGURE_FILES["concentration"])
+        rows = [[norm, str(c["runs"]), _fmt(c["mean"]), _fmt(c["min"]), _fmt(c["max"])]
+                for norm, c in concentration.items()]
+        sections.append(Section("Output-gradient concentration at initialisation", FIGURE_FILES["concentration"], [
+            Table("Concentration on one class at step 0", ["norm", "runs", "mean", "min", "max"], rows)]))
+    fisher = fisher_data(records)
+    if not fisher:
+        notes.append("no run logged fisher/lambda_max at step 0 (probes.fisher_every_n_steps > 0): "
+                     "no Fisher learning-rate panel")
+        return sections, notes, plotted
+    plotted["fisher"] = plot_fisher(fisher, out / FIGURE_FILES["fisher"])
+    rows = []
+    for (norm, batch_size), point in fisher.items():
+        stable = point["largest_stable_lr"]
+        observed = "none" if stable is None else ("" if point["any_diverged"] else ">= ") + _lr_label(stable)
+        rows.append([norm, str(batch_size), str(point["runs"]), _fmt(point["lambda_max"]), _fmt(point["lr_max"]),
+                     _fmt(point["lr_max_momentum"]), observed])
+    if any(not p["any_diverged"] for p in fisher.values()):
+        notes.append("where no learning rate diverged, the largest stable lr observed is only a lower bound (>=)")
+    sections.append(Section("Fisher-predicted maximal learning rate", FIGURE_FILES["fisher"], [
+        Table("Fisher lambda_max at initialisation and the learning rates", [
+            "norm", "batch", "runs", "lambda_max", "lr_max (2/lambda)", "lr_max momentum", "largest stable lr"],
+            rows)]))
     return sections, notes, plotted
 
 
@@ -567,7 +753,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normlab report: reading runs from {uri} failed: {err.message.splitlines()[0]}", file=sys.stderr)
         return 1
     sections, panel_notes, _ = build_report(records, out)
-    notes += panel_notes
+    studies, study_notes, _ = study_sections(records, out)
+    notes += panel_notes + study_notes
+    # the Fisher panel goes right after the stability panel it is read against
+    after = next((i + 1 for i, s in enumerate(sections) if s.title == "Learning-rate stability"), len(sections))
+    fisher = [s for s in studies if s.figure == FIGURE_FILES["fisher"]]
+    sections = sections[:after] + fisher + sections[after:] + [s for s in studies if s not in fisher]
     n_seeds = len({r.seed for r in records})
     heading = f"normlab report: {experiment_name}"
     summary = (f"{len(records)} training run(s), {n_seeds} seed(s), from experiment {experiment_name!r} "

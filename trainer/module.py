@@ -153,7 +153,9 @@ class NormClassifier(pl.LightningModule):
         groups = parameter_groups(self.model, optim["weight_decay"])
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"])
         total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, int(self.trainer.num_training_batches))  # known once the line above set up the data
+        # known once the line above set up the data; not set up (infinite) when max_steps alone bounds training
+        batches = self.trainer.num_training_batches
+        per_epoch = max(1, int(batches) if math.isfinite(batches) else total)
         warmup = round(optim["warmup_epochs"] * per_epoch)
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

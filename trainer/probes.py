@@ -14,7 +14,8 @@ class. It is about 1/C when the gradient is spread over the classes (near-unifor
 balanced labels) and tends to 1/2 when every input is confidently put in one class k (each row is
 then +1 at k and -1 at the sample's own label: column k carries half of the norm and the other
 half is spread over the labels). :class:`~trainer.callbacks.LayerProbe` logs it as
-``probe/grad_concentration`` at every probe step, step 0 (the initialisation) included.
+``probe/grad_concentration`` at every probe step, step 0 (the initialisation) included, from the
+training batch of that step (global rank 0's under DDP).
 
 **Largest Fisher eigenvalue** (Wei, Stokes & Schwab, "Mean-field Analysis of Batch
 Normalization", 2019): BN flattens the loss landscape, measured by the largest eigenvalue
@@ -23,11 +24,11 @@ classifier with Jacobian J_i = d z_i / d theta of sample i's logits on a probe b
 
     F = (1/N) sum_i J_i^T H_i J_i,     H_i = diag(p_i) - p_i p_i^T,   p_i = softmax(z_i),
 
-which is also the Gauss-Newton part of the Hessian of the mean cross-entropy (and the Hessian
-itself at a minimum). The paper's characterisation of the maximal learning rate is the classical
-one for gradient descent on the local quadratic model L(theta + d) ~ L + g^T d + d^T F d / 2
-(LeCun et al. 1998; Karakida et al. 2019): the iteration d <- (I - eta F) d converges iff
-eta < 2 / lambda_max, so
+which is also the Gauss-Newton part of the Hessian of the mean cross-entropy (the whole Hessian
+where the net fits the data). The paper characterises the maximal learning rate through lambda_max
+with the classical bound for gradient descent on the local quadratic model
+L(theta + d) ~ L + g^T d + d^T F d / 2 (LeCun et al. 1998; Karakida et al. 2019): the error
+iteration d <- (I - eta F) d converges iff eta < 2 / lambda_max, so
 
     lr_max = 2 / lambda_max.
 
@@ -36,15 +37,17 @@ eta < 2 (1 + mu) / lambda_max, logged too as ``fisher/lr_max_momentum`` to compa
 trained with momentum.
 
 :func:`fisher_lambda_max` finds lambda_max by power iteration on Fisher-vector products that never
-build J or F: ``F v`` is J^T (H (J v)) / N, where ``J^T u`` is one backward pass and ``J v`` is
-the derivative of ``J^T u`` with respect to u (the double-backward trick), three backward passes
-per product on one stored forward. :class:`FisherProbe` runs it on a fixed probe batch (the first
-``probes.fisher_batch`` samples of the first training batch, kept in the checkpoint) at step 0 and
-every ``probes.fisher_every_n_steps`` steps, on a copy of the model in training mode (norm layers
-use their batch statistics, as in training and in the paper's analysis) with a fixed random state
-(the one forward's dropout masks serve every product; the
-training run's random stream is left as it was), in float32, on global rank 0 only, and logs
-``fisher/lambda_max``, ``fisher/lr_max`` and ``fisher/lr_max_momentum``.
+build J or F: ``F v`` is J^T (H (J v)) / N, where ``J^T u`` is a backward pass kept differentiable
+and ``J v`` is its derivative with respect to u (the double-backward trick): one forward and one
+such backward per estimate, then two backward passes per product. With batch statistics J is the
+Jacobian of the whole batch's logits (each z_i depends on every sample); the formula is unchanged.
+:class:`FisherProbe` runs it on a fixed probe batch (the first ``probes.fisher_batch`` samples of
+the first training batch, kept in the checkpoint) at step 0 and every
+``probes.fisher_every_n_steps`` steps, on a copy of the model in training mode (norm layers use
+their batch statistics, as in training and in the paper's analysis), in float32, on global rank 0
+only, under a forked random state (dropout masks come from the one forward and serve every
+product; the run's own random stream is left as it was), and logs ``fisher/lambda_max``,
+``fisher/lr_max`` and ``fisher/lr_max_momentum``.
 """
 
 from __future__ import annotations

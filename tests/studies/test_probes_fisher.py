@@ -8,8 +8,10 @@ import copy
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from pytorch_lightning.callbacks import Callback
 from torch.func import functional_call
 
+from trainer import load_config, train
 from trainer.cli import main
 from trainer.models import build_model
 from trainer.probes import FisherProbe, FisherProducts, fisher_lambda_max, predicted_lr_max
@@ -104,3 +106,37 @@ def test_normlab_train_logs_lambda_max_and_the_predicted_lr_from_step_0(tmp_path
     concentration = client.get_metric_history(run.info.run_id, "probe/grad_concentration")
     assert [m.step for m in concentration] == [0, 2] and all(0.1 - 1e-6 <= m.value <= 1 for m in concentration)
     assert run.data.params["probes.fisher_every_n_steps"] == "2"
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated preemption")
+
+
+def test_a_resumed_run_probes_the_same_batch_and_trains_as_if_uninterrupted(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = ["model.depth=8", "model.norm=ic", "data.batch_size=64", "data.val_batch_size=256",
+                 "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.deterministic=true",
+                 "probes.every_n_steps=0", "probes.fisher_every_n_steps=10", "probes.fisher_iterations=4",
+                 "probes.fisher_batch=16", f"tracking.uri={uri}"]
+    whole = train(load_config(None, [*overrides, f"output.root={tmp_path / 'whole'}"]))
+    cfg = load_config(None, [*overrides, f"output.root={tmp_path / 'parts'}"])
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        train(cfg, callbacks=[CrashAt(step=30)])  # mid-epoch 2: last.ckpt is from the end of epoch 1 (step 22)
+    resumed = train(cfg)
+    assert resumed.run_id != whole.run_id
+    for key in ("val_loss", "val_acc", "train_loss"):  # the probe leaves training as it was
+        assert resumed.metrics[key] == whole.metrics[key], key
+    client = MlflowClient(uri)
+
+    def lambdas(run_id):
+        return {m.step: m.value for m in client.get_metric_history(run_id, "fisher/lambda_max")}
+
+    expected, got = lambdas(whole.run_id), lambdas(resumed.run_id)
+    assert sorted(expected) == [0, 10, 20, 30, 40]
+    for step in (30, 40):  # after the resume: the same probe batch (from the checkpoint), the same weights
+        assert got[step] == pytest.approx(expected[step], rel=1e-5)

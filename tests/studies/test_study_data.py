@@ -101,8 +101,8 @@ def test_normlab_train_on_an_image_folder(tmp_path, capsys):
                   "data.batch_size=4", "data.val_batch_size=6", "model.arch=resnet", "model.depth=18",
                   "model.width=8", "model.norm=gn:groups=4", "optim.lr=0.1", "optim.lr_scaling=linear",
                   "optim.base_batch_size=32", "optim.warmup_epochs=0", "optim.schedule=constant",
-                  "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
-                  "probes.every_n_steps=0"])
+                  "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.accelerator=cpu",
+                  "trainer.log_every_n_steps=1", "probes.every_n_steps=0"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "finished" in out.out

@@ -18,8 +18,8 @@ RUN_COUNTS = {
     "understanding_bn_resnet110.yaml": 36,
     "final_placement.yaml": 30,
     "batch_regimes_digits.yaml": 60,
-    "understanding_bn_digits.yaml": 18,
-    "final_placement_digits.yaml": 15,
+    "understanding_bn_digits.yaml": 36,
+    "final_placement_digits.yaml": 30,
 }
 DATA_ENV = {"batch_regimes_resnet50.yaml": "IMAGENET_DIR", "understanding_bn_resnet110.yaml": "CIFAR10_DIR",
             "final_placement.yaml": "CIFAR10_DIR"}
