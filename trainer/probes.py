@@ -126,6 +126,8 @@ def fisher_lambda_max(model: nn.Module, x: Tensor, iterations: int = 20, seed: i
 
 def predicted_lr_max(lambda_max: float, momentum: float = 0.0) -> float:
     """2 (1 + momentum) / lambda_max: gradient descent (momentum 0) or heavy-ball SGD on the quadratic model."""
+    if math.isnan(lambda_max):  # a diverged net's probe: nothing to predict
+        return math.nan
     return 2.0 * (1.0 + momentum) / lambda_max if lambda_max > 0 else math.inf
 
 
