@@ -31,6 +31,7 @@ from trainer import NormClassifier, load_config
 from trainer.callbacks import DivergenceGuard, EpochSeeding
 from trainer.data import build_datamodule
 from trainer.module import effective_lr, lr_factor, parameter_groups
+from trainer.run import quiet_lightning
 
 
 class EpochTimer(Callback):
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.batch_size=128")
     args = parser.parse_args()
+    quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(None, ["data.val_split=0.2", *args.overrides])

@@ -96,7 +96,8 @@ def _preflight(module: NormClassifier, batch: torch.Tensor) -> None:
         raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
+    """Lightning's start-up banners and tips off; warnings and errors stay."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
@@ -160,7 +161,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     interactive = sys.stderr.isatty()  # where Lightning draws its progress bar
     if not interactive:
-        _quiet_lightning()
+        quiet_lightning()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     datamodule = build_datamodule(cfg)
     datamodule.load()
