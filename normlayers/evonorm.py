@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from normlayers.base import NormLayer
 from normlayers.groupnorm import check_spatial, compute_dtype, resolve_groups
 from normlayers.registry import register
-from normlayers.stats import batch_moments, unbiased, update_running
+from normlayers.stats import batch_moments, single_value_error, unbiased, update_running
 
 
 class _EvoNormB0Function(torch.autograd.Function):
@@ -40,28 +40,40 @@ class _EvoNormB0Function(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, batch_std: Tensor, v: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, batch_std: Tensor | None, v: Tensor, weight: Tensor, bias: Tensor,
+                eps: float) -> tuple[Tensor, Tensor]:
+        """``batch_std`` of ``None``: the local batch's, from the per-sample moments computed here anyway
+        (law of total variance: no extra pass over ``x``, and its gradient joins the instance term's pass).
+        Returns ``(y, batch_var)``; ``batch_var`` (for the running average) carries no gradient."""
         spatial = tuple(range(2, x.dim()))
         shape = [1, x.shape[1]] + [1] * len(spatial)
-        s, v, weight, bias = (p.reshape(shape) for p in (batch_std, v, weight, bias))
+        v, weight, bias = (p.reshape(shape) for p in (v, weight, bias))
         mean = x.mean(dim=spatial, keepdim=True)
         # two-pass instance variance; vector_norm avoids one full-size temporary
         centered = x - mean
-        instance_std = torch.sqrt(torch.linalg.vector_norm(centered, dim=spatial, keepdim=True).square()
-                                  / x[0, 0].numel() + eps)
+        instance_var = torch.linalg.vector_norm(centered, dim=spatial, keepdim=True).square() / x[0, 0].numel()
+        instance_std = torch.sqrt(instance_var + eps)
+        ctx.local_batch = batch_std is None
+        if ctx.local_batch:
+            batch_mean = mean.mean(0, keepdim=True)
+            batch_var = instance_var.mean(0, keepdim=True) + (mean - batch_mean).square().mean(0, keepdim=True)
+            s = torch.sqrt(batch_var + eps)
+        else:
+            s, batch_mean, batch_var = batch_std.reshape(shape), mean.new_zeros(()), batch_std.new_zeros(shape)
         # max(s, v*x + instance_std) = s + excess; excess > 0 marks where the instance branch wins.
         # (Written into the centred buffer: on CPU a fresh large tensor costs about as much as the
         # arithmetic, since the allocator hands it back to the OS.)
         excess = torch.addcmul(instance_std - s, x, v, out=centered).relu_()
         denominator = excess + s
         normalized = x / denominator
-        ctx.save_for_backward(x, mean, instance_std, excess, denominator, normalized, v, weight)
-        return torch.addcmul(bias, normalized, weight)
+        ctx.save_for_backward(x, mean, instance_std, excess, denominator, normalized, v, weight, s, batch_mean)
+        ctx.mark_non_differentiable(batch_var)
+        return torch.addcmul(bias, normalized, weight), batch_var.flatten()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, mean, instance_std, excess, denominator, normalized, v, weight = ctx.saved_tensors
+    def backward(ctx, grad: Tensor, _grad_batch_var: Tensor | None):
+        x, mean, instance_std, excess, denominator, normalized, v, weight, s, batch_mean = ctx.saved_tensors
         spatial = tuple(range(2, x.dim()))
         per_channel = (0, *spatial)
         # one scratch buffer for the full-size products, reused in place (see forward)
@@ -78,9 +90,14 @@ class _EvoNormB0Function(torch.autograd.Function):
         grad_x.addcmul_(branch, v, value=-1.0)
         # instance_std = sqrt(mean((x - mean)^2) + eps): d/dx = (x - mean) / (positions * instance_std)
         k = -branch_per_sample / (x[0, 0].numel() * instance_std)
-        grad_x.addcmul_(x, k).sub_(mean * k)
+        shift = mean * k
+        if ctx.local_batch:
+            # s = sqrt(batch var + eps): d s / dx = (x - batch_mean) / (batch values * s), in the same pass
+            k_batch = grad_s.reshape(s.shape) / (x.numel() // x.shape[1] * s)
+            k, shift = k + k_batch, shift + batch_mean * k_batch
+        grad_x.addcmul_(x, k).sub_(shift)
         grad_v = -branch.mul_(x).sum(per_channel)
-        return grad_x, grad_s, grad_v, grad_weight, grad_bias, None
+        return grad_x, None if ctx.local_batch else grad_s, grad_v, grad_weight, grad_bias, None
 
 
 class _EvoNormS0Function(torch.autograd.Function):
@@ -158,17 +175,23 @@ class EvoNormB0(_EvoNorm):
         check_spatial("evonorm_b0", x, self.num_features)
         dtype = compute_dtype(x)
         spatial = tuple(range(2, x.dim()))
-        if self.training:
-            _, batch_var, count = batch_moments(x, [0, *spatial], self.process_group, who="evonorm_b0")
-            self.num_batches_tracked.add_(1)
-            update_running(self.running_var, unbiased(batch_var.detach(), count), self.momentum,
-                           self.num_batches_tracked)
-        else:
-            batch_var = self.running_var
         with torch.autocast(device_type=x.device.type, enabled=False):
-            batch_std = torch.sqrt(batch_var.to(dtype) + self.eps)
-            y = _EvoNormB0Function.apply(x.to(dtype), batch_std, self.v.to(dtype), self.weight.to(dtype),
-                                         self.bias.to(dtype), self.eps)
+            if self.training and not self.synchronised:
+                batch_std = None  # the Function takes the local batch's from its per-sample moments
+                count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+                if count <= 1:
+                    raise single_value_error("evonorm_b0", x)
+            elif self.training:
+                _, batch_var, count = batch_moments(x, [0, *spatial], self.process_group, who="evonorm_b0")
+                batch_std = torch.sqrt(batch_var.to(dtype) + self.eps)
+            else:
+                batch_std = torch.sqrt(self.running_var.to(dtype) + self.eps)
+            y, local_var = _EvoNormB0Function.apply(x.to(dtype), batch_std, self.v.to(dtype),
+                                                    self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            update_running(self.running_var, unbiased((local_var if batch_std is None else batch_var).detach(), count),
+                           self.momentum, self.num_batches_tracked)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

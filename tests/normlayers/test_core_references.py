@@ -385,3 +385,18 @@ def test_evonorm_s0_hand_written_backward_passes_gradcheck(groups):
     (grad_last,) = torch.autograd.grad(y, channels_last, upstream.to(memory_format=torch.channels_last))
     (grad_contiguous,) = torch.autograd.grad(_EvoNormS0Function.apply(x, v, weight, bias, groups, 1e-5), x, upstream)
     torch.testing.assert_close(grad_last, grad_contiguous)
+
+
+def test_evonorm_b0_local_batch_statistics_pass_gradcheck():
+    """Unsynchronised, the Function takes the batch std from its own per-sample moments: its gradient
+    (through the batch variance too) is checked numerically, and the variance against torch's."""
+    from normlayers.evonorm import _EvoNormB0Function
+
+    torch.manual_seed(1)
+    f64 = torch.float64
+    x = (torch.randn(3, 4, 3, 2, dtype=f64) * 2 + 1).requires_grad_()
+    v, weight, bias = (torch.randn(4, dtype=f64, requires_grad=True) for _ in range(3))
+    _, batch_var = _EvoNormB0Function.apply(x, None, v, weight, bias, 1e-5)
+    torch.testing.assert_close(batch_var, x.detach().var(dim=(0, 2, 3), unbiased=False))
+    assert torch.autograd.gradcheck(lambda *a: _EvoNormB0Function.apply(a[0], None, *a[1:], 1e-5)[0],
+                                    (x, v, weight, bias))
