@@ -2,6 +2,10 @@
 two-step run through `normlab train` on a fake folder of JPEGs, and its one-line errors."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +138,21 @@ def test_imagefolder_mistakes_are_one_line(tmp_path, capsys, layout, message):
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_imagefolder_under_ddp_gives_each_device_its_shard(tmp_path):
+    """Two gloo processes: 18 training images, 9 per device, so batches of 4 make 2 steps an epoch (not 4)."""
+    root = fake_imagenet(tmp_path / "imagenet")
+    normlab_cmd = Path(sys.executable).parent / "normlab"  # a script of its own: DDP re-runs sys.argv per rank
+    proc = subprocess.run(
+        [str(normlab_cmd), "train", "data.name=imagefolder", f"data.path={root}", "data.image_size=32",
+         "data.num_workers=1", "data.batch_size=4", "data.val_batch_size=6", "model.arch=resnet", "model.depth=18",
+         "model.width=8", "model.norm=bn", "trainer.sync_norm=true", "trainer.devices=2", "trainer.strategy=ddp",
+         "trainer.accelerator=cpu", "trainer.max_epochs=1", "probes.every_n_steps=0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("normlab").experiment_id])
+    assert (run.data.tags["world_size"], run.data.tags["global_batch_size"]) == ("2", "8")
+    (train_loss,) = client.get_metric_history(run.info.run_id, "train_loss")
+    assert train_loss.step == 1  # logged at the epoch's last step: 2 steps, so each rank read 9 images
