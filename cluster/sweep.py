@@ -276,7 +276,7 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     ]
 
     folder = Path(executor.log_dir).resolve() if executor.log_dir else output_root / "sweeps" / name
-    fingerprint = _fingerprint(path, base, common_overrides + pinned)
+    fingerprint = _fingerprint(path, base, common_overrides + pinned, OmegaConf.to_yaml(probe, resolve=True))
     runs = _cached_plan(folder, fingerprint, base)
     if runs is None:
         runs = _validated_runs(base, combos, common_overrides, pinned, where)
@@ -337,9 +337,11 @@ def _validated_runs(
     return runs
 
 
-def _fingerprint(path: Path, base: str | None, overrides: list[str]) -> str:
-    """What a validated plan depends on: the sweep and base files, pinned settings, the trainer's rules."""
+def _fingerprint(path: Path, base: str | None, overrides: list[str], resolved_common: str) -> str:
+    """What a validated plan depends on: the sweep and base files, pinned settings, the trainer's rules,
+    and the common config as resolved now (``${oc.env:...}`` in a sweep file changes with the environment)."""
     digest = hashlib.sha256()
+    digest.update(resolved_common.encode())
     digest.update(path.read_bytes())
     if base is not None:
         digest.update(Path(base).read_bytes())

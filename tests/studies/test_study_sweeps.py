@@ -107,3 +107,17 @@ def test_linear_lr_scaling_from_a_base_batch_of_32_is_the_gn_rule():
         assert effective_lr(cfg.optim, n) == pytest.approx(0.1 * n / 32, rel=1e-12)
     cfg = load_config(None, ["optim.lr=0.1", "data.batch_size=4"])  # lr_scaling none: lr as given
     assert effective_lr(cfg.optim, 4 * 8) == 0.1
+
+
+def test_cached_plan_follows_the_environment(tmp_path, monkeypatch, capsys):
+    """A sweep file that takes its data path from the environment: the cached plan is not reused once
+    the variable points elsewhere (new run keys), nor once the data is gone (the one-line data error)."""
+    sweep = SWEEPS / "understanding_bn_resnet110.yaml"
+    monkeypatch.setenv("CIFAR10_DIR", str(fake_cifar10(tmp_path / "first")))
+    first = {run.key for run in load_sweep(sweep).runs}
+    monkeypatch.setenv("CIFAR10_DIR", str(fake_cifar10(tmp_path / "second")))
+    second = {run.key for run in load_sweep(sweep).runs}
+    assert first.isdisjoint(second)
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "missing"))
+    assert sweep_cli(["plan", str(sweep)]) == 2
+    assert "data.path" in capsys.readouterr().err
