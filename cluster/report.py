@@ -88,6 +88,19 @@ class Section:
 # ---------------------------------------------------------------- reading runs
 
 
+def norm_label(norm: str, params: dict[str, str]) -> str:
+    """What a line of the report stands for: the norm spec, plus what else changes where it normalises
+    (synchronised statistics, placement other than every site), so syncbn is not merged into bn nor
+    `final` into `all`."""
+    extras = []
+    if params.get("trainer.sync_norm", "False").lower() == "true":
+        extras.append("sync")
+    placement = params.get("model.norm_placement", "all")
+    if placement != "all" and norm != "none":
+        extras.append(f"placement={placement}")
+    return f"{norm} ({', '.join(extras)})" if extras else norm
+
+
 def record_from_run(run) -> RunRecord | None:
     """A report record from an MLflow run, or None when the run lacks a grid coordinate."""
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
@@ -108,7 +121,7 @@ def record_from_run(run) -> RunRecord | None:
             layer_names[int(match.group(2))] = match.group(3)
     return RunRecord(
         run_id=run.info.run_id,
-        norm=norm,
+        norm=norm_label(norm, params),
         batch_size=batch_size,
         lr=lr,
         seed=seed,

@@ -141,8 +141,8 @@ LAYER_PATHS = ["features.0.norm", "features.1.norm", "head.norm"]
 
 def log_known_run(client, experiment_id: str, norm: str, batch_size: int, lr: float, seed: int,
                   val_acc: float | None, *, probes: dict | None = None, finished: bool = True,
-                  key: str | None = None) -> str:
-    """A run carrying the trainer's MLflow names, with the given final values."""
+                  key: str | None = None, extra_params: dict[str, str] | None = None) -> str:
+    """A run carrying the trainer's MLflow names, with the given final values (and ``extra_params``)."""
     from mlflow.entities import Metric, Param
 
     diverged = finished and val_acc is None
@@ -162,7 +162,7 @@ def log_known_run(client, experiment_id: str, norm: str, batch_size: int, lr: fl
             key = f"probe/{stat}/{index:03d}_{path}"
             metrics += [Metric(key, 99.0, now, 0), Metric(key, value, now, 10)]
     params = [Param("model.norm", norm), Param("data.batch_size", str(batch_size)), Param("optim.lr", str(lr)),
-              Param("seed", str(seed))]
+              Param("seed", str(seed))] + [Param(k, v) for k, v in (extra_params or {}).items()]
     client.log_batch(run.info.run_id, metrics=metrics, params=params)
     if finished:
         client.set_terminated(run.info.run_id)

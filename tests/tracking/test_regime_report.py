@@ -161,6 +161,20 @@ def test_report_says_what_the_runs_do_not_allow(mlflow_server, log_known_run, tm
     assert client.search_runs([experiment_id], "tags.`normlab.kind` = 'report'") == []  # --no-log
 
 
+def test_synchronised_and_placed_norms_get_their_own_lines(mlflow_server, log_known_run, tmp_path):
+    """syncbn is bn with trainer.sync_norm=true and `final` is a placement: neither merges into plain bn."""
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment("sync-and-placement")
+    variants = {"bn": ({}, 0.9), "bn (sync)": ({"trainer.sync_norm": "True"}, 0.8),
+                "bn (placement=final)": ({"model.norm_placement": "final"}, 0.7)}
+    for label, (params, acc) in variants.items():
+        log_known_run(client, experiment_id, "bn", 8, 0.1, 0, acc, key=label.replace(" ", "_"), extra_params=params)
+    assert main(["sync-and-placement", "--tracking-uri", mlflow_server.url, "--out", str(tmp_path), "--no-log"]) == 0
+    rows = markdown_table((tmp_path / "report.md").read_text(), "Validation error by per-device batch size")
+    assert {(r["norm"], r["val error mean"]) for r in rows} == {
+        (label, f"{1 - acc:.4f}") for label, (_, acc) in variants.items()}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
