@@ -63,7 +63,7 @@ class RunRecord:
     lr: float
     seed: int
     val_acc: float | None
-    diverged: bool
+    diverged: bool  # diverged, or ended no better than CHANCE_FACTOR x chance: either way it did not train
     act_std: dict[int, float] = field(default_factory=dict)  # layer depth index -> final value
     grad_norm: dict[int, float] = field(default_factory=dict)
     layer_names: dict[int, str] = field(default_factory=dict)  # depth index -> module path
@@ -86,6 +86,16 @@ class Section:
 
 
 # ---------------------------------------------------------------- reading runs
+
+
+# A run whose final accuracy is no better than this multiple of chance did not train: at a large
+# learning rate SGD can collapse to one class without the loss ever exploding (the divergence guard
+# then stays quiet), and for the stability question that is as much a failure as a divergence.
+CHANCE_FACTOR = 1.5
+
+
+def _at_chance(val_acc: float | None, num_classes: str | None) -> bool:
+    return val_acc is not None and num_classes is not None and val_acc <= CHANCE_FACTOR / int(num_classes)
 
 
 def norm_label(norm: str, params: dict[str, str]) -> str:
@@ -112,6 +122,7 @@ def record_from_run(run) -> RunRecord | None:
     except (KeyError, ValueError):
         return None
     diverged = metrics.get("diverged", 0.0) >= 0.5 or tags.get("normlab.status") == "diverged"
+    diverged = diverged or _at_chance(metrics.get("val_acc"), params.get("derived.num_classes"))
     probes: dict[str, dict[int, float]] = {"act_std": {}, "grad_norm": {}}
     layer_names = {}
     for key, value in metrics.items():
@@ -437,7 +448,8 @@ def plot_lr_stability(data: dict, path: Path) -> dict:
         ax.set_title(f"per-device batch {batch_size}")
         drawn[batch_size] = {"acc": acc, "marked": marked, "largest_stable_lr": dict(grid["largest_stable_lr"])}
     fig.colorbar(image, ax=list(axes), label="final val_acc")
-    fig.suptitle("Learning-rate stability: × k/n = k of n seeds diverged, black box = largest stable lr")
+    fig.suptitle("Learning-rate stability\n× k/n: k of n seeds diverged or ended at chance\n"
+                 "black box: largest stable lr")
     fig.savefig(path, dpi=110)
     return drawn
 
@@ -572,7 +584,7 @@ def plot_concentration(data: dict, path: Path) -> dict:
     ax.set_xticks(range(len(norms)), norms)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of the logit-gradient norm\non the most-affected class")
-    fig.suptitle("Output-gradient concentration at initialisation (bars: mean, whiskers: min-max)")
+    fig.suptitle("Output-gradient concentration at initialisation\n(bars: mean, whiskers: min-max)")
     fig.savefig(path, dpi=110)
     return dict(zip(norms, means, strict=True))
 

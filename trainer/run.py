@@ -107,7 +107,7 @@ def quiet_lightning() -> None:
 
 
 def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: MlflowClient, run_dir: Path, tags: dict,
-                   key: str, ckpt: Path, global_batch: int) -> MLFlowLogger:
+                   key: str, ckpt: Path, global_batch: int, num_classes: int) -> MLFlowLogger:
     """The run's MLflow logger; on global rank 0 also the run directory and the MLflow run (new or resumed)."""
     world = trainer.world_size
     previous = None
@@ -124,7 +124,8 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
         if previous is None:
             (run_dir / "mlflow_run_id").write_text(run_id + "\n")
             params = {**flatten(cfg), "derived.global_batch_size": global_batch,
-                      "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world}
+                      "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world,
+                      "derived.num_classes": num_classes}
             logger.log_hyperparams(params)
             client.log_artifact(run_id, str(run_dir / "config.yaml"))
         else:
@@ -213,7 +214,8 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
             "batch_size": str(cfg.data.batch_size), "global_batch_size": str(global_batch), "world_size": str(world),
             "normlab.status": "running"}
     try:
-        logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch)
+        logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch,
+                                datamodule.num_classes)
     except MlflowException as e:
         raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {str(e).splitlines()[0][:300]}") from None
     trainer.logger = logger

@@ -227,3 +227,15 @@ def test_an_invalid_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert main([str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "no-such-norm" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_run_that_ends_at_chance_is_not_stable(mlflow_server, log_known_run, tmp_path):
+    """At a large lr SGD can collapse to one class without the loss exploding: for the stability panel such a
+    run failed like a diverged one (its classes are known from the trainer's derived.num_classes)."""
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment("collapse-at-chance")
+    for lr, acc in ((0.1, 0.95), (0.3, 0.9), (1.0, 0.11)):
+        log_known_run(client, experiment_id, "none", 8, lr, 0, acc, extra_params={"derived.num_classes": "10"})
+    assert main(["collapse-at-chance", "--tracking-uri", mlflow_server.url, "--out", str(tmp_path), "--no-log"]) == 0
+    rows = markdown_table((tmp_path / "report.md").read_text(), "Largest stable learning rate")
+    assert [(r["norm"], r["largest stable lr"]) for r in rows] == [("none", "0.3")]
