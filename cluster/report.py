@@ -99,12 +99,15 @@ def _at_chance(val_acc: float | None, num_classes: str | None) -> bool:
 
 
 def norm_label(norm: str, params: dict[str, str]) -> str:
-    """What a line of the report stands for: the norm spec, plus what else changes where it normalises
-    (synchronised statistics, placement other than every site), so syncbn is not merged into bn nor
-    `final` into `all`."""
+    """What a line of the report stands for: the norm spec, plus what else changes how it normalises
+    (synchronised statistics, an initial scale other than 1, placement other than every site), so
+    syncbn is not merged into bn, nor `final` into `all`."""
     extras = []
     if params.get("trainer.sync_norm", "False").lower() == "true":
         extras.append("sync")
+    init_scale = params.get("model.norm_init_scale", "1.0")
+    if float(init_scale) != 1.0 and norm != "none":
+        extras.append(f"init scale={init_scale}")
     placement = params.get("model.norm_placement", "all")
     if placement != "all" and norm != "none":
         extras.append(f"placement={placement}")

@@ -20,6 +20,7 @@ RUN_COUNTS = {
     "batch_regimes_digits.yaml": 60,
     "understanding_bn_digits.yaml": 36,
     "final_placement_digits.yaml": 30,
+    "bn_init_scale_digits.yaml": 12,
 }
 DATA_ENV = {"batch_regimes_resnet50.yaml": "IMAGENET_DIR", "understanding_bn_resnet110.yaml": "CIFAR10_DIR",
             "final_placement.yaml": "CIFAR10_DIR"}

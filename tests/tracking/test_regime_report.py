@@ -162,11 +162,12 @@ def test_report_says_what_the_runs_do_not_allow(mlflow_server, log_known_run, tm
 
 
 def test_synchronised_and_placed_norms_get_their_own_lines(mlflow_server, log_known_run, tmp_path):
-    """syncbn is bn with trainer.sync_norm=true and `final` is a placement: neither merges into plain bn."""
+    """syncbn is bn with trainer.sync_norm=true, `final` a placement, 0.1 an initial scale: none merges into bn."""
     client = MlflowClient(mlflow_server.url)
     experiment_id = client.create_experiment("sync-and-placement")
     variants = {"bn": ({}, 0.9), "bn (sync)": ({"trainer.sync_norm": "True"}, 0.8),
-                "bn (placement=final)": ({"model.norm_placement": "final"}, 0.7)}
+                "bn (placement=final)": ({"model.norm_placement": "final"}, 0.7),
+                "bn (init scale=0.1)": ({"model.norm_init_scale": "0.1"}, 0.6)}
     for label, (params, acc) in variants.items():
         log_known_run(client, experiment_id, "bn", 8, 0.1, 0, acc, key=label.replace(" ", "_"), extra_params=params)
     assert main(["sync-and-placement", "--tracking-uri", mlflow_server.url, "--out", str(tmp_path), "--no-log"]) == 0
