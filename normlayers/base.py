@@ -8,6 +8,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def check_weight_layer(who: str, module: nn.Module, num_features: int, also: str = "") -> nn.Module:
+    """The weight layer a norm is bound to must be a conv or linear producing its ``num_features``
+    channels; one clear ``ValueError`` otherwise (``also`` names what else the layer accepts)."""
+    if not isinstance(module, WEIGHT_LAYERS):
+        raise ValueError(
+            f"{who}: bind_preceding takes the Conv1d/2d/3d or Linear whose output this layer normalises{also}; "
+            f"got {type(module).__name__}"
+        )
+    if module.weight.shape[0] != num_features:
+        raise ValueError(
+            f"{who}: the bound {type(module).__name__} has {module.weight.shape[0]} output channels, "
+            f"this layer normalises {num_features}"
+        )
+    return module
+
 
 class NormLayer(nn.Module):
     """A normalization layer with the properties models and the sync machinery rely on.

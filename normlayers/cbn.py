@@ -53,12 +53,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_weight_layer
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
 from normlayers.stats import batch_moments, channel_shape, unbiased, update_running
-
-_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class _Iteration(NamedTuple):
@@ -133,16 +131,7 @@ class CrossIterationBatchNorm(NormLayer):
         )
 
     def bind_preceding(self, module: nn.Module) -> None:
-        if not isinstance(module, _WEIGHT_LAYERS):
-            raise ValueError(
-                f"cbn: bind_preceding needs the Conv1d/2d/3d or Linear whose output this layer normalises, "
-                f"got {type(module).__name__}"
-            )
-        if module.weight.shape[0] != self.num_features:
-            raise ValueError(
-                f"cbn: the bound {type(module).__name__} has {module.weight.shape[0]} output channels, "
-                f"this layer normalises {self.num_features}"
-            )
+        check_weight_layer("cbn", module, self.num_features)
         self.__dict__["_preceding"] = module
         self._history.clear()
 

@@ -44,13 +44,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_weight_layer
 from normlayers.batchnorm import check_channels
 from normlayers.cbn import normalize_with
 from normlayers.registry import register
 from normlayers.stats import batch_moments, update_running
 
-_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: the authors' guard: beyond this ratio of predicted to observed variance, trust the batch alone
 PRIOR_VARIANCE_RATIO_LIMIT = 100.0
 
@@ -145,16 +144,7 @@ class KalmanNorm(NormLayer):
                 raise ValueError("kn: a layer cannot precede itself")
             self.__dict__["_previous"] = module
             return
-        if not isinstance(module, _WEIGHT_LAYERS):
-            raise ValueError(
-                f"kn: bind_preceding takes the Conv1d/2d/3d or Linear whose output this layer normalises, "
-                f"or the preceding KalmanNorm; got {type(module).__name__}"
-            )
-        if module.weight.shape[0] != self.num_features:
-            raise ValueError(
-                f"kn: the bound {type(module).__name__} has {module.weight.shape[0]} output channels, "
-                f"this layer normalises {self.num_features}"
-            )
+        check_weight_layer("kn", module, self.num_features, also=", or the preceding KalmanNorm")
         self.__dict__["_transition"] = module
 
     @property

@@ -155,7 +155,7 @@ def test_binding_keeps_the_conv_out_of_the_layer_state():
 
 def test_binding_errors_are_clear():
     cbn = build_norm("cbn:burnin=0", 4)
-    with pytest.raises(ValueError, match="cbn: bind_preceding needs the Conv1d/2d/3d or Linear"):
+    with pytest.raises(ValueError, match="cbn: bind_preceding takes the Conv1d/2d/3d or Linear"):
         cbn.bind_preceding(nn.ReLU())
     with pytest.raises(ValueError, match="has 5 output channels, this layer normalises 4"):
         cbn.bind_preceding(nn.Conv2d(3, 5, 1))
