@@ -13,6 +13,9 @@
 - :class:`EpochSeeding`: re-seeds torch's global generator from ``(seed, epoch, rank)`` at every
   epoch start, so stochastic layers (dropout) replay identically after a resume.
 - :class:`EpochLines`: one line per epoch when there is no terminal for a progress bar.
+- :class:`LastValidation`: the step of the last validation during fit, so that a run whose training
+  stopped elsewhere (``max_steps`` inside an epoch, ``check_val_every_n_epoch`` not dividing
+  ``max_epochs``) gets its final weights validated.
 """
 
 from __future__ import annotations
@@ -163,5 +166,24 @@ class EpochLines(Callback):
             return
         metrics = trainer.callback_metrics
         parts = [f"{k} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics]
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  step {trainer.global_step}  "
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs > 0 else ""
+        steps = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        print(f"epoch {trainer.current_epoch + 1}{epochs}  step {trainer.global_step}{steps}  "
               f"{'  '.join(parts)}  ({time.perf_counter() - self._start:.1f} s)", flush=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate" and trainer.is_global_zero:
+            metrics = trainer.callback_metrics
+            parts = [f"{k} {float(metrics[k]):.4f}" for k in self.KEYS[2:] if k in metrics]
+            print(f"final weights  step {trainer.global_step}  {'  '.join(parts)}", flush=True)
+
+
+class LastValidation(Callback):
+    """Remembers the optimizer step at which fit last validated (``None``: never)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.step = trainer.global_step

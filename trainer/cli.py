@@ -16,6 +16,12 @@ The run directory is <output.root>/<run_key>; the same command again resumes fro
 checkpoint into the same MLflow run, or reports the run as already finished."""
 
 
+def _one_line(error: Exception) -> str:
+    # A DataLoader worker re-raises with the worker's traceback folded into the message; the cause is its last line.
+    last = str(error).strip().splitlines()[-1]
+    return last.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from trainer.config import ConfigError, help_text, load_config
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = train(cfg)
     except ConfigError as e:
-        print(f"normlab train: {e}", file=sys.stderr)
+        print(f"normlab train: {_one_line(e)}", file=sys.stderr)
         return 2
     if result.run_id is not None:
         print(describe(result))

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LayerProbe
+from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
 from trainer.config import DEFAULT_TRACKING_URI, ConfigError, flatten, norm_spec_text, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
@@ -172,9 +172,10 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
         raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
 
     guard = DivergenceGuard(cfg.probes.divergence_factor)
+    last_validation = LastValidation()
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=Path(CHECKPOINT).stem, save_top_k=1,
                                  every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    all_callbacks: list[Callback] = [checkpoint, guard, EpochSeeding(cfg.seed),
+    all_callbacks: list[Callback] = [checkpoint, guard, last_validation, EpochSeeding(cfg.seed),
                                      LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
                                                 cfg.probes.gradients)]
     if not interactive:
@@ -224,6 +225,10 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     status = "diverged" if guard.diverged else "finished"
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if not guard.diverged and t.limit_val_batches != 0 and last_validation.step != trainer.global_step:
+        # training stopped away from a validation (max_steps inside an epoch): the final weights still get one
+        (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in final.items()})
     metrics["diverged"] = float(guard.diverged)
     if guard.diverged:
         metrics["diverged_step"] = float(guard.diverged_step)

@@ -140,6 +140,20 @@ def test_imagefolder_mistakes_are_one_line(tmp_path, capsys, layout, message):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
+def test_an_unreadable_image_stops_training_with_one_line(tmp_path, capsys):
+    root = fake_imagenet(tmp_path / "imagenet", train_per_class=2)
+    broken = root / "train" / "n01" / "img0.JPEG"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rc = normlab(["train", "data.name=imagefolder", f"data.path={root}", "data.image_size=32", "data.num_workers=1",
+                  "data.batch_size=2", "model.arch=resnet", "model.depth=18", "model.width=8",
+                  "model.norm=gn:groups=4", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                  "probes.every_n_steps=0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("normlab train:")]
+    assert f"{broken} is not a readable image" in line and "Traceback" not in err, err
+
+
 def test_imagefolder_under_ddp_gives_each_device_its_shard(tmp_path):
     """Two gloo processes: 18 training images, 9 per device, so batches of 4 make 2 steps an epoch (not 4)."""
     root = fake_imagenet(tmp_path / "imagenet")

@@ -18,6 +18,8 @@ from pytorch_lightning.callbacks import Callback
 import normlayers
 from trainer import load_config, run_key, train
 from trainer.cli import main
+from trainer.data import build_datamodule
+from trainer.module import NormClassifier
 
 TINY = ["model.depth=8", "data.batch_size=16", "data.val_batch_size=128", "trainer.accelerator=cpu"]
 
@@ -131,6 +133,35 @@ def test_resume_equals_uninterrupted(tmp_path, shared_uri):
     assert len(runs) == 2  # the uninterrupted one and the resumed one, not a third
     history = client.get_metric_history(first_id, "val_acc")
     assert sorted(m.step for m in history) == sorted(m.step for m in client.get_metric_history(whole.run_id, "val_acc"))
+
+
+@pytest.mark.parametrize("stop, validations, final_step", [
+    (["trainer.max_steps=5", "trainer.max_epochs=-1"], [5], 5),  # inside epoch 1: the final weights are validated
+    # at epoch ends, no extra validation (Lightning logs fit's validation at the index of the step before)
+    (["trainer.max_epochs=2", "trainer.limit_train_batches=3"], [2, 5], 6),
+])
+def test_the_final_weights_are_validated_once(stop, validations, final_step, tmp_path, shared_uri):
+    argv = [*TINY, *stop, "probes.every_n_steps=0", f"tracking.uri={shared_uri}",
+            f"tracking.experiment=final-{final_step}", f"output.root={tmp_path}"]
+    assert main(argv) == 0
+    cfg = load_config(None, argv)
+    result = json.loads((tmp_path / run_key(cfg) / "result.json").read_text())
+    history = MlflowClient(shared_uri).get_metric_history(result["run_id"], "val_acc")
+    assert [m.step for m in history] == validations
+    # the last value is the accuracy of the checkpointed final weights on the validation split
+    datamodule = build_datamodule(cfg)
+    datamodule.load()
+    datamodule.setup("validate")
+    module = NormClassifier(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
+    checkpoint = torch.load(tmp_path / run_key(cfg) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == final_step
+    module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    with torch.no_grad():
+        pairs = [(module(x).argmax(1), y) for x, y in datamodule.val_dataloader()]
+    correct = sum(int((p == y).sum()) for p, y in pairs)
+    total = sum(len(y) for _, y in pairs)
+    assert history[-1].value == pytest.approx(correct / total) == result["metrics"]["val_acc"]
 
 
 def test_huge_lr_without_norm_is_logged_diverged(shared_uri, capsys):
