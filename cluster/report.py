@@ -617,7 +617,7 @@ def plot_fisher(data: dict, path: Path) -> dict:
 
 
 def study_sections(records: list[RunRecord], out: Path) -> tuple[list[Section], list[str], dict]:
-    """The concentration and Fisher panels (issue 8's probes); same return shape as :func:`build_report`
+    """The concentration and Fisher panels (the gradient and Fisher probes); same return shape as :func:`build_report`
     (plotted keys ``"concentration"``, ``"fisher"``). Kept apart so that experiments without these
     probes report exactly as before, with a note on what is missing."""
     sections: list[Section] = []

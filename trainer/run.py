@@ -183,10 +183,8 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     all_callbacks += callbacks or []
     plugins = slurm_plugins()
     if cfg.trainer.sync_norm:
-        try:
-            from trainer.norm_sync import NormSyncPlugin  # engineer E's LayerSync plugin; optional module
-        except ImportError as e:
-            raise ConfigError(f"trainer.sync_norm: synchronised norms are not available here ({e})") from None
+        from trainer.norm_sync import NormSyncPlugin
+
         plugins.append(NormSyncPlugin())
 
     t = cfg.trainer

@@ -1,4 +1,4 @@
-"""What every issue-2 variant must do: train and backprop at batch 2 and 32, use its running
+"""What every core variant must do: train and backprop at batch 2 and 32, use its running
 statistics in eval, survive a state_dict round trip, take float64 and bfloat16 input and run
 under CPU autocast, and mix samples exactly when it declares ``batch_dependent``."""
 

@@ -1,4 +1,4 @@
-"""Every bad input issue 2 names gets one clear ValueError saying what is wrong and what is valid."""
+"""Every bad input to the core layers gets one clear ValueError saying what is wrong and what is valid."""
 
 from __future__ import annotations
 

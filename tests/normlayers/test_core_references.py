@@ -1,4 +1,4 @@
-"""Each issue-2 variant against an independent reference: torch's own ops, or the paper's equation
+"""Each core variant against an independent reference: torch's own ops, or the paper's equation
 written out plainly here (with autograd of the plain equation as the gradient reference)."""
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_every_batch_dependent_variant_is_covered():
     assert {"bn", "brn", "bgn", "evonorm_b0", "ghost"} <= set(VARIANTS)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the lead runs it on a lent GPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_two_ranks_on_one_gpu_equal_one_process(tmp_path):
     """Both ranks on one GPU over gloo (NCCL refuses two ranks on one device): the CUDA paths of
     every variant, torch's fused SyncBatchNorm kernels included where bn uses them."""
