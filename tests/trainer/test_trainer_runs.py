@@ -164,6 +164,34 @@ def test_the_final_weights_are_validated_once(stop, validations, final_step, tmp
     assert history[-1].value == pytest.approx(correct / total) == result["metrics"]["val_acc"]
 
 
+EXECUTION = [*TINY, "trainer.max_steps=6", "trainer.max_epochs=-1", "probes.every_n_steps=3",
+             "probes.fisher_every_n_steps=3", "trainer.deterministic=true"]
+
+
+@pytest.fixture(scope="module")
+def plain_execution(tmp_path_factory, shared_uri):
+    return train(load_config(None, [*EXECUTION, f"tracking.uri={shared_uri}", "tracking.experiment=execution",
+                                    f"output.root={tmp_path_factory.mktemp('plain')}"]))
+
+
+@pytest.mark.parametrize("option, rel", [
+    ("trainer.channels_last=true", 1e-3),  # other convolution kernels, other float sums
+    ("trainer.compile=true", 1e-3),  # inductor's fused kernels reorder float sums
+    ("trainer.precision=bf16-mixed", 3e-2),  # 8 mantissa bits in the convolutions; statistics stay float32
+])
+def test_channels_last_compile_and_bf16_train_the_same_model(option, rel, plain_execution, tmp_path, shared_uri):
+    result = train(load_config(None, [*EXECUTION, option, f"tracking.uri={shared_uri}",
+                                      "tracking.experiment=execution", f"output.root={tmp_path}"]))
+    assert result.status == "finished"
+    client = MlflowClient(shared_uri)
+    ours, plain = (client.get_run(r.run_id).data.metrics for r in (result, plain_execution))
+    for key in ("train_loss", "val_loss", "fisher/lambda_max", "probe/grad_concentration"):
+        assert ours[key] == pytest.approx(plain[key], rel=rel), key
+    state = torch.load(Path(result.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    running = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+    assert running and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in running.values())
+
+
 def test_huge_lr_without_norm_is_logged_diverged(shared_uri, capsys):
     argv = [*TINY, "model.norm=none", "optim.lr=1000", "optim.warmup_epochs=0", "trainer.max_epochs=3",
             f"tracking.uri={shared_uri}", "tracking.experiment=diverge", "tracking.log_checkpoints=true"]
