@@ -27,6 +27,14 @@ def check_weight_layer(who: str, module: nn.Module, num_features: int, also: str
     return module
 
 
+
+def check_eps_momentum(who: str, eps: float, momentum: float | None = None) -> None:
+    """One clear error for the options most layers share: ``eps > 0``, ``momentum`` in [0, 1] or None."""
+    if not eps > 0:
+        raise ValueError(f"{who}: eps must be > 0, got {eps}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{who}: momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+
 class NormLayer(nn.Module):
     """A normalization layer with the properties models and the sync machinery rely on.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
@@ -40,6 +40,7 @@ class BatchGroupNorm(NormLayer):
         affine: bool = True,
     ):
         super().__init__()
+        check_eps_momentum("bgn", eps, momentum)
         if groups < 1:
             raise ValueError(f"bgn: groups must be a positive int, got {groups}")
         self.num_features = num_features

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.registry import register
 from normlayers.stats import (
     affine,
@@ -59,6 +59,7 @@ class BatchNorm(_BatchNorm, NormLayer):
         affine: bool = True,
         track_running_stats: bool = True,
     ):
+        check_eps_momentum(self.norm_name, eps, momentum)  # bn, and subclasses such as ic
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats)
 

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer, check_weight_layer
+from normlayers.base import NormLayer, check_eps_momentum, check_weight_layer
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
 from normlayers.stats import batch_moments, channel_shape, unbiased, update_running
@@ -108,10 +108,7 @@ class CrossIterationBatchNorm(NormLayer):
             raise ValueError(f"cbn: k (previous iterations to use) must be >= 0, got {k}")
         if burnin < 0:
             raise ValueError(f"cbn: burnin (steps before the buffer is used) must be >= 0, got {burnin}")
-        if eps <= 0:
-            raise ValueError(f"cbn: eps must be > 0, got {eps}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"cbn: momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+        check_eps_momentum("cbn", eps, momentum)
         self.num_features = num_features
         self.k = k
         self.burnin = burnin

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.groupnorm import check_spatial, compute_dtype, resolve_groups
 from normlayers.registry import register
 from normlayers.stats import batch_moments, single_value_error, unbiased, update_running
@@ -154,6 +154,7 @@ class _EvoNorm(NormLayer):
 
     def __init__(self, num_features: int, eps: float):
         super().__init__()
+        check_eps_momentum(self.norm_name, eps)
         self.num_features = num_features
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -167,6 +168,7 @@ class EvoNormB0(_EvoNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__(num_features, eps)
+        check_eps_momentum("evonorm_b0", eps, momentum)
         self.momentum = momentum
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))

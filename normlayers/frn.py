@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
@@ -35,6 +35,7 @@ class FilterResponseNorm(NormLayer):
 
     def __init__(self, num_features: int, eps: float = 1e-6, learn_eps: bool = True):
         super().__init__()
+        check_eps_momentum("frn", eps)
         self.num_features = num_features
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_features))

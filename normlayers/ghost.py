@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
@@ -48,6 +48,7 @@ class GhostBatchNorm(NormLayer):
         affine: bool = True,
     ):
         super().__init__()
+        check_eps_momentum("ghost", eps, momentum)
         if virtual_batch < 1:
             raise ValueError(f"ghost: virtual_batch must be a positive number of samples, got {virtual_batch}")
         self.num_features = num_features

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
 from normlayers.stats import unbiased, update_running
@@ -89,6 +89,7 @@ class _GroupedNorm(NormLayer):
 
     def __init__(self, num_features: int, groups: int, eps: float, affine: bool):
         super().__init__()
+        check_eps_momentum(self.norm_name, eps)
         self.num_features = num_features
         self.groups = groups
         self.eps = eps
@@ -135,6 +136,7 @@ class InstanceNorm(NormLayer):
         track_running_stats: bool = False,
     ):
         super().__init__()
+        check_eps_momentum("in", eps, momentum)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import BatchNorm, check_channels
 from normlayers.registry import register
 from normlayers.stats import channel_shape, single_value_error
@@ -43,10 +43,7 @@ class InstanceEnhancementBatchNorm(NormLayer):
         gate_bias_init: float = -1.0,
     ):
         super().__init__()
-        if eps <= 0:
-            raise ValueError(f"iebn: eps must be > 0, got {eps}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"iebn: momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+        check_eps_momentum("iebn", eps, momentum)
         self.num_features = num_features
         self.bn = BatchNorm(num_features, eps=eps, momentum=momentum, affine=False)
         self.weight = nn.Parameter(torch.ones(num_features))

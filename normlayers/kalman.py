@@ -44,7 +44,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer, check_weight_layer
+from normlayers.base import NormLayer, check_eps_momentum, check_weight_layer
 from normlayers.batchnorm import check_channels
 from normlayers.cbn import normalize_with
 from normlayers.registry import register
@@ -113,10 +113,7 @@ class KalmanNorm(NormLayer):
         super().__init__()
         if not 0.0 < gain < 1.0:
             raise ValueError(f"kn: gain (the weight of the layer's own batch statistics) must be in (0, 1), got {gain}")
-        if eps <= 0:
-            raise ValueError(f"kn: eps must be > 0, got {eps}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"kn: momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+        check_eps_momentum("kn", eps, momentum)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.groupnorm import cast, check_spatial, compute_dtype
 from normlayers.registry import register
 
@@ -28,6 +28,7 @@ from normlayers.registry import register
 class PositionalNorm(NormLayer):
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
+        check_eps_momentum("pn", eps)
         self.num_features = num_features
         self.eps = eps
         self.init_affine(num_features, affine)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import resolve_groups
 from normlayers.registry import register
@@ -62,8 +62,9 @@ class ProxyNorm(NormLayer):
             raise ValueError(f"proxy: groups={groups} only applies to base=gn; write proxy:base=gn,groups={groups}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"proxy: activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
-        if eps <= 0 or proxy_eps <= 0:
-            raise ValueError(f"proxy: eps and proxy_eps must be > 0, got eps={eps}, proxy_eps={proxy_eps}")
+        check_eps_momentum("proxy", eps)
+        if not proxy_eps > 0:
+            raise ValueError(f"proxy: proxy_eps must be > 0, got {proxy_eps}")
         if samples < 2:
             raise ValueError(f"proxy: samples (Gaussian quantiles for the proxy) must be >= 2, got {samples}")
         self.num_features = num_features

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlayers.base import NormLayer
+from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
@@ -52,6 +52,7 @@ class BatchRenorm(NormLayer):
         affine: bool = True,
     ):
         super().__init__()
+        check_eps_momentum("brn", eps, momentum)
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"brn: need r_max >= 1 and d_max >= 0 (1 and 0 are plain BN), got r_max={r_max}, "
                              f"d_max={d_max}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normlayers
 from normlayers import build_norm
 
 
@@ -133,3 +134,21 @@ def test_wrong_channel_count(spec):
 def test_invalid_option_values(spec, message):
     with pytest.raises(ValueError, match=message):
         build_norm(spec, 8)
+
+
+
+WITH_EPS = [name for name, info in sorted(normlayers.available().items()) if "eps" in info.options]
+WITH_MOMENTUM = [name for name, info in sorted(normlayers.available().items()) if "momentum" in info.options]
+
+
+@pytest.mark.parametrize("name", WITH_EPS)
+def test_eps_must_be_positive_for_every_variant(name):
+    with pytest.raises(ValueError, match=rf"^{name}: eps must be > 0, got 0\.0$"):
+        build_norm(f"{name}:eps=0", 8)
+
+
+@pytest.mark.parametrize("name", WITH_MOMENTUM)
+def test_momentum_must_be_a_fraction_for_every_variant(name):
+    message = rf"^{name}: momentum must be in \[0, 1\] or None \(cumulative average\), got 1\.5$"
+    with pytest.raises(ValueError, match=message):
+        build_norm(f"{name}:momentum=1.5", 8)
