@@ -16,3 +16,20 @@ def _isolated_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
+
+
+
+@pytest.fixture
+def crash_at():
+    """``crash_at(step)``: a Lightning callback that dies at that optimizer step, as a preempted job would."""
+    from pytorch_lightning.callbacks import Callback
+
+    class CrashAt(Callback):
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == self.step:
+                raise RuntimeError("simulated preemption")
+
+    return CrashAt

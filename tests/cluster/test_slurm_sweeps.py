@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -71,20 +70,30 @@ def test_six_run_sweep_finishes_and_resubmitting_submits_nothing(slurm_cluster, 
     assert total.split() == ["total", "6", "0", "0", "0", "0", "0"]  # all six in the `finished` column
 
 
-def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm_cluster, write_sweep, waiter, capsys):
-    overrides = {"trainer.max_epochs": 4, "trainer.limit_train_batches": 25, "trainer.deterministic": True}
-    path = write_sweep("requeue", {"model.norm": ["bn"]}, {"kind": "slurm", "timeout_min": 10}, overrides=overrides)
+def _one_run_training(write_sweep, waiter, name: str, norm: str, overrides: dict):
+    """Submit a one-run sweep and wait for its first checkpoint: (sweep, run, job, checkpoint)."""
+    path = write_sweep(name, {"model.norm": [norm]}, {"kind": "slurm", "timeout_min": 10}, overrides=overrides)
     assert sweep_cli.main(["submit", str(path)]) == 0
     sweep = load_sweep(path)
     (run,) = sweep.runs
     (job,) = read_record(sweep)
     checkpoint = Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt"
     waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
-    # Requeue while training; Slurm holds a requeued job for a while before it is eligible: release it now.
-    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    return sweep, run, job, checkpoint
+
+
+def _requeued_and_finished(sweep, run, job, waiter):
+    # Slurm holds a requeued job for a while before it is eligible: release it now.
     waiter(lambda: f"{job.job_id} PENDING" in _squeue(), 60, "the job to be pending again", interval=0.2)
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
     _wait_done(sweep, {run.key}, waiter, "the requeued run finished")
+
+
+def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm_cluster, write_sweep, waiter):
+    overrides = {"trainer.max_epochs": 4, "trainer.limit_train_batches": 25, "trainer.deterministic": True}
+    sweep, run, job, checkpoint = _one_run_training(write_sweep, waiter, "requeue", "bn", overrides)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)  # requeue while training
+    _requeued_and_finished(sweep, run, job, waiter)
 
     log = Path(job.stderr).read_text()
     assert f"resuming run {run.key} from {checkpoint}" in log, log[-2000:]
@@ -103,19 +112,10 @@ def test_requeued_job_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm
 
 def test_preemption_signal_requeues_through_submitit(slurm_cluster, write_sweep, waiter):
     overrides = {"trainer.max_epochs": 3, "trainer.limit_train_batches": 25}
-    path = write_sweep("preempt", {"model.norm": ["gn:groups=2"]}, {"kind": "slurm", "timeout_min": 10},
-                       overrides=overrides)
-    assert sweep_cli.main(["submit", str(path)]) == 0
-    sweep = load_sweep(path)
-    (run,) = sweep.runs
-    (job,) = read_record(sweep)
-    checkpoint = Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt"
-    waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
+    sweep, run, job, _ = _one_run_training(write_sweep, waiter, "preempt", "gn:groups=2", overrides)
     # What Slurm sends before a timeout or on preemption (sbatch --signal=USR2@90): submitit requeues the job.
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    waiter(lambda: f"{job.job_id} PENDING" in _squeue(), 60, "the job to requeue itself", interval=0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
-    _wait_done(sweep, {run.key}, waiter, "the requeued run finished")
+    _requeued_and_finished(sweep, run, job, waiter)
     log = Path(job.stderr).read_text()
     assert "Caught signal SIGUSR2" in log and "DUE TO JOB REQUEUE" in log, log[-2000:]  # submitit requeued it
     assert f"resuming run {run.key}" in log, log[-2000:]
@@ -124,8 +124,7 @@ def test_preemption_signal_requeues_through_submitit(slurm_cluster, write_sweep,
 
 
 def test_two_task_job_trains_one_ddp_run(slurm_cluster, write_sweep, waiter):
-    sync = importlib.util.find_spec("trainer.norm_sync") is not None
-    overrides = {"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.sync_norm": sync}
+    overrides = {"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.sync_norm": True}
     path = write_sweep("ddp", {"model.norm": ["bn"]}, {"kind": "slurm", "tasks_per_node": 2, "timeout_min": 10},
                        overrides=overrides)
     assert sweep_cli.main(["submit", str(path)]) == 0
@@ -135,7 +134,7 @@ def test_two_task_job_trains_one_ddp_run(slurm_cluster, write_sweep, waiter):
     (tracked,) = _mlflow_runs(sweep)
     assert tracked.data.tags["world_size"] == "2"
     assert tracked.data.tags["global_batch_size"] == str(2 * run.batch_size)
-    assert tracked.data.params["trainer.sync_norm"] == str(sync)
+    assert tracked.data.params["trainer.sync_norm"] == "True"
     (job,) = read_record(sweep)
     log = Path(job.stdout).read_text()  # srun writes task 0's output here; both tasks report in the job's logs
     assert "rank 0/2" in log

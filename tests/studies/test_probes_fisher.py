@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from pytorch_lightning.callbacks import Callback
 from torch.func import functional_call
 
 from trainer import load_config, train
@@ -108,16 +107,7 @@ def test_normlab_train_logs_lambda_max_and_the_predicted_lr_from_step_0(tmp_path
     assert run.data.params["probes.fisher_every_n_steps"] == "2"
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated preemption")
-
-
-def test_a_resumed_run_probes_the_same_batch_and_trains_as_if_uninterrupted(tmp_path):
+def test_a_resumed_run_probes_the_same_batch_and_trains_as_if_uninterrupted(tmp_path, crash_at):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = ["model.depth=8", "model.norm=ic", "data.batch_size=64", "data.val_batch_size=256",
                  "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.deterministic=true",
@@ -126,7 +116,7 @@ def test_a_resumed_run_probes_the_same_batch_and_trains_as_if_uninterrupted(tmp_
     whole = train(load_config(None, [*overrides, f"output.root={tmp_path / 'whole'}"]))
     cfg = load_config(None, [*overrides, f"output.root={tmp_path / 'parts'}"])
     with pytest.raises(RuntimeError, match="simulated preemption"):
-        train(cfg, callbacks=[CrashAt(step=30)])  # mid-epoch 2: last.ckpt is from the end of epoch 1 (step 22)
+        train(cfg, callbacks=[crash_at(step=30)])  # mid-epoch 2: last.ckpt is from the end of epoch 1 (step 22)
     resumed = train(cfg)
     assert resumed.run_id != whole.run_id
     for key in ("val_loss", "val_acc", "train_loss"):  # the probe leaves training as it was

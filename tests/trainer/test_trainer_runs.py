@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from pytorch_lightning.callbacks import Callback
 
 import normlayers
 from trainer import load_config, run_key, train
@@ -94,18 +93,7 @@ def test_default_run_reaches_95_percent_and_is_tracked(capsys):
     assert "already finished" in capsys.readouterr().err and len(_runs("sqlite:///mlflow.db")[1]) == 1
 
 
-class CrashAt(Callback):
-    """Fault injection: the process dies at a given step, as a preempted job would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated preemption")
-
-
-def test_resume_equals_uninterrupted(tmp_path, shared_uri):
+def test_resume_equals_uninterrupted(tmp_path, shared_uri, crash_at):
     # 4 epochs of 22 steps; dropout (ic) exercises the re-seeded global generator, augmentation is on
     overrides = [*TINY, "model.norm=ic", "trainer.max_epochs=4", "trainer.deterministic=true",
                  "probes.every_n_steps=5", f"tracking.uri={shared_uri}", "tracking.experiment=resume",
@@ -113,7 +101,7 @@ def test_resume_equals_uninterrupted(tmp_path, shared_uri):
     whole = train(load_config(None, [*overrides, f"output.root={tmp_path / 'whole'}"]))
     cfg = load_config(None, [*overrides, f"output.root={tmp_path / 'parts'}"])
     with pytest.raises(RuntimeError, match="simulated preemption"):
-        train(cfg, callbacks=[CrashAt(step=50)])  # mid-epoch 3: last.ckpt is from the end of epoch 2
+        train(cfg, callbacks=[crash_at(step=50)])  # mid-epoch 3: last.ckpt is from the end of epoch 2
     run_dir = Path(whole.run_dir.replace("whole", "parts"))
     first_id = (run_dir / "mlflow_run_id").read_text().strip()
     client = MlflowClient(shared_uri)
