@@ -15,6 +15,13 @@ from torch import Tensor, nn
 from trainer.models.norms import NormSites, activation_after, init_weights
 
 
+def _layer(weight: nn.Module, features: int, norms: NormSites) -> list[nn.Module]:
+    """The weight layer with its norm and ReLU, in the placement's order."""
+    norm = norms.inner(features, weight)
+    act = activation_after(norm)
+    return [weight, act, norm] if norms.act_first else [weight, norm, act]
+
+
 class PlainCNN(nn.Module):
     def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites):
         super().__init__()
@@ -30,9 +37,7 @@ class PlainCNN(nn.Module):
             if i in downsample_at:
                 stride, cout = 2, cout * 2
             conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-            norm = norms.inner(cout, conv)
-            act = activation_after(norm)
-            layers += [conv, act, norm] if norms.act_first else [conv, norm, act]
+            layers += _layer(conv, cout, norms)
             cin = cout
         self.features = nn.Sequential(*layers)
         self.final_norm = norms.added_final(cin, conv)
@@ -53,9 +58,7 @@ class MLP(nn.Module):
         linear = None
         for _ in range(depth):
             linear = nn.Linear(cin, width, bias=False)
-            norm = norms.inner(width, linear)
-            act = activation_after(norm)
-            layers += [linear, act, norm] if norms.act_first else [linear, norm, act]
+            layers += _layer(linear, width, norms)
             cin = width
         self.features = nn.Sequential(*layers)
         self.final_norm = norms.added_final(cin, linear)
