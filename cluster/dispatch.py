@@ -28,7 +28,6 @@ from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 
 RECORD = "jobs.json"
-QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
 CATEGORIES = ("finished", "diverged", "running", "queued", "failed", "unsubmitted")
 
@@ -68,10 +67,6 @@ def _append_record(sweep: Sweep, jobs: list[JobRecord]) -> None:
     partial = sweep.folder / (RECORD + ".tmp")
     partial.write_text(json.dumps({"sweep": str(sweep.path), "jobs": [vars(job) for job in records]}))
     partial.replace(sweep.folder / RECORD)
-
-
-def slurm_available() -> bool:
-    return shutil.which("sbatch") is not None and _run(["scontrol", "ping"], check=False).returncode == 0
 
 
 def _run(command: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:

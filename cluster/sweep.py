@@ -151,9 +151,6 @@ class Sweep:
     executor: ExecutorSettings
     folder: Path  # submitit logs, the submission record (jobs.json) and the validated plan (plan.json)
 
-    def run_by_key(self) -> dict[str, SweepRun]:
-        return {run.key: run for run in self.runs}
-
 
 def _format_value(value: Any) -> str:
     """A value as a dot-list override understands it (YAML flow); strings stay bare when unambiguous."""
