@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from normlayers.batchnorm import BatchNorm, check_channels
@@ -59,5 +59,9 @@ class IndependentComponent(BatchNorm):
         y = super().forward(x)
         if not self.training or self.drop == 0.0:
             return y
-        # in place: BN's backward needs its input, not its fresh output (autograd checks this)
-        return F.dropout(y, p=self.drop, training=True, inplace=True)
+        # Inverted dropout from a uniform draw turned in place into the mask 0 or 1/(1-p): on CPU torch.rand
+        # is about twice as fast as F.dropout's bernoulli draw, and no second mask is made or converted in
+        # backward (2.9x BatchNorm2d at 2 threads instead of 4.5x, benchmarks/norm_layers.py).
+        # In place on y: BN's backward needs its input, not its fresh output (autograd checks this).
+        scale = torch.rand(y.shape, device=y.device).ge_(self.drop).div_(1.0 - self.drop).to(y.dtype)
+        return y.mul_(scale)
