@@ -22,7 +22,9 @@ is taken row by row. The statistics actually used average the current iteration 
 
 where, as in the reference code, a buffered iteration whose compensated variance nu - mu^2 is
 negative is discarded per channel and n counts the iterations kept (the paper's Eq. for nu_bar
-clamps with max(nu, mu^2) instead). The buffer is used only after a burn-in
+clamps with max(nu, mu^2) instead). Each iteration is kept as its mean and variance (not the mean
+square) and sigma_bar^2 is pooled by the law of total variance, mean(var_i) + mean((mu_i - mu_bar)^2):
+the same quantity, without E[x^2] - E[x]^2 cancelling when |mean| >> std. The buffer is used only after a burn-in
 of ``burnin`` training steps of this layer's own counter (``num_batches_tracked``); it is filled
 during the last k of them. Defaults: k = 3 as in the reference code; burnin = 500 steps (the
 reference burns in for 8 of 12 epochs of detection training: set it per experiment). ``k = 0`` is
@@ -56,36 +58,39 @@ from torch import Tensor, nn
 from normlayers.base import NormLayer, check_eps_momentum, check_weight_layer
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
-from normlayers.stats import batch_moments, channel_shape, unbiased, update_running
+from normlayers.stats import batch_moments, channel_shape, compute_dtype, keep_format, unbiased, update_running
 
 
 class _Iteration(NamedTuple):
-    """One buffered iteration: its statistics, their gradients and the weights they were taken at."""
+    """One buffered iteration: its mean and (biased) variance, their gradients and the weights they
+    were taken at."""
 
     mean: Tensor
-    mean_sq: Tensor
+    var: Tensor
     grad_mean: tuple[Tensor, ...]
-    grad_mean_sq: tuple[Tensor, ...]
+    grad_var: tuple[Tensor, ...]
     params: tuple[Tensor, ...]
 
 
 def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                    eps: float) -> Tensor:
-    """gamma (x - mean) / sqrt(var + eps) + beta in float32, with the per-channel scale formed first
-    (two passes over x; subtracting the mean first keeps precision when |mean| >> std)."""
-    scale = torch.rsqrt(var + eps)
+    """gamma (x - mean) / sqrt(var + eps) + beta in float32 (float64 for float64 input), with the
+    per-channel scale formed first (two passes over x; subtracting the mean first keeps precision
+    when |mean| >> std)."""
+    dtype = compute_dtype(x)
+    scale = torch.rsqrt(var.to(dtype) + eps)
     if weight is not None:
-        scale = scale * weight.float()
+        scale = scale * weight.to(dtype)
     shape = channel_shape(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        centred = x.float() - mean.reshape(shape)
+        centred = x.to(dtype) - mean.to(dtype).reshape(shape)
         if bias is None:
-            return (centred * scale.reshape(shape)).to(x.dtype)
-        return torch.addcmul(bias.float().reshape(shape), centred, scale.reshape(shape)).to(x.dtype)
+            return keep_format((centred * scale.reshape(shape)).to(x.dtype), x)
+        return keep_format(torch.addcmul(bias.to(dtype).reshape(shape), centred, scale.reshape(shape)).to(x.dtype), x)
 
 
 def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> Tensor:
-    return sum((g * d).reshape(g.shape[0], -1).sum(1) for g, d in zip(grads, deltas, strict=True))
+    return sum((g * d.to(g.dtype)).reshape(g.shape[0], -1).sum(1) for g, d in zip(grads, deltas, strict=True))
 
 
 @register("cbn", "Cross-Iteration BN (Yao et al. 2020): current + last k iterations, Taylor-compensated")
@@ -144,59 +149,71 @@ class CrossIterationBatchNorm(NormLayer):
         return tuple(params)
 
     def compensated_history(self) -> list[tuple[Tensor, Tensor]]:
-        """The buffered iterations' (mean, mean square) per channel, carried to the current weights
-        (newest first); with ``compensate=False``, as they were recorded."""
+        """The buffered iterations' (mean, biased variance) per channel, carried to the current weights
+        (newest first); with ``compensate=False``, as they were recorded.
+
+        The paper compensates the mean mu and the mean square nu and takes nu - mu^2. The same
+        first-order step written on the variance is, exactly, var + dvar . delta - (dmu . delta)^2
+        (dvar = dnu - 2 mu dmu): no E[x^2] - E[x]^2 is ever formed, so a mean far above the spread
+        costs no precision (in float32 the mean-square form loses the variance at |mean|/std ~ 1e3).
+        """
         if not self._history:
             return []
         if not self.compensate:
-            return [(it.mean, it.mean_sq) for it in self._history]
-        now = tuple(p.detach().float() for p in self._preceding_params())
+            return [(it.mean, it.var) for it in self._history]
+        now = tuple(p.detach() for p in self._preceding_params())
         corrections = torch.stack([
-            torch.stack([_per_channel_dot(it.grad_mean, deltas), _per_channel_dot(it.grad_mean_sq, deltas)])
+            torch.stack([_per_channel_dot(it.grad_mean, deltas), _per_channel_dot(it.grad_var, deltas)])
             for it in self._history
             for deltas in [tuple(n - p for n, p in zip(now, it.params, strict=True))]
         ])
         if self.synchronised:
             # each rank holds its slice's share of the gradients: the sum over ranks is the global one
             dist.all_reduce(corrections, group=self.process_group)
-        return [(it.mean + c[0], it.mean_sq + c[1]) for it, c in zip(self._history, corrections, strict=True)]
+        return [(it.mean + c[0], it.var + c[1] - c[0] * c[0]) for it, c in zip(self._history, corrections, strict=True)]
 
-    def _record(self, x: Tensor, dims: list[int], mean: Tensor, mean_sq: Tensor, count: Tensor) -> None:
+    def _record(self, x: Tensor, dims: list[int], mean: Tensor, var: Tensor, count: Tensor) -> None:
         """Buffer this iteration: its statistics, their gradients w.r.t. the preceding layer, its weights."""
         params = self._preceding_params()
         if self.synchronised:
-            # Differentiate this rank's share, (n_r / N) * (its slice's moments), instead of the global
-            # statistics: no all-reduce in this backward; the shares are summed in compensated_history.
+            # Differentiate this rank's share instead of the global statistics: no all-reduce in this
+            # backward; the shares are summed in compensated_history. With s_r = n_r / N, the global
+            # mean is sum_r s_r mu_r and var = sum_r s_r (var_r + (mu_r - mu)^2), whose gradient is
+            # the sum over ranks of the gradient of s_r (var_r + (mu_r - mu)^2) with mu held fixed.
             local_mean, local_var, local_count = batch_moments(x, dims, None, who="cbn")
             share = local_count / count
-            outputs = (local_mean * share, (local_var + local_mean * local_mean) * share)
+            outputs = (local_mean * share, (local_var + (local_mean - mean.detach()).square()) * share)
         else:
-            outputs = (mean, mean_sq)
+            outputs = (mean, var)
         ones = torch.ones_like(mean)
         # sum over channels of mu_c: row c of the gradient is d mu_c / d theta_c (see the docstring)
         grad_mean = torch.autograd.grad(outputs[0], params, ones, retain_graph=True, allow_unused=True)
-        grad_mean_sq = torch.autograd.grad(outputs[1], params, ones, retain_graph=True, allow_unused=True)
-        if any(g is None for g in grad_mean + grad_mean_sq):
+        grad_var = torch.autograd.grad(outputs[1], params, ones, retain_graph=True, allow_unused=True)
+        if any(g is None for g in grad_mean + grad_var):
             raise ValueError(
                 "cbn: the input does not depend on the bound layer's weight; call bind_preceding with the "
                 "layer whose output this layer normalises"
             )
+        dtype = mean.dtype
         self._history.appendleft(_Iteration(
-            mean.detach(), mean_sq.detach(),
-            tuple(g.detach().float() for g in grad_mean), tuple(g.detach().float() for g in grad_mean_sq),
-            tuple(p.detach().float().clone() for p in params),
+            mean.detach(), var.detach(),
+            tuple(g.detach().to(dtype) for g in grad_mean), tuple(g.detach().to(dtype) for g in grad_var),
+            tuple(p.detach().clone() for p in params),
         ))
 
-    def _combine(self, batch_mean: Tensor, batch_mean_sq: Tensor) -> tuple[Tensor, Tensor]:
-        """mu_bar and sigma_bar^2 over the current and the buffered iterations with valid variance."""
-        mean_sum, mean_sq_sum, kept = batch_mean, batch_mean_sq, torch.ones_like(batch_mean)
-        for old_mean, old_mean_sq in self.compensated_history():
-            valid = (old_mean_sq - old_mean * old_mean >= 0).float()
-            mean_sum = mean_sum + old_mean * valid
-            mean_sq_sum = mean_sq_sum + old_mean_sq * valid
-            kept = kept + valid
-        mean = mean_sum / kept
-        return mean, (mean_sq_sum / kept - mean * mean).clamp_min(0.0)
+    def _combine(self, batch_mean: Tensor, batch_var: Tensor) -> tuple[Tensor, Tensor]:
+        """mu_bar and sigma_bar^2 over the current and the buffered iterations with valid variance.
+
+        sigma_bar^2 = mean_i nu_i - mu_bar^2 is pooled by the law of total variance,
+        mean_i var_i + mean_i (mu_i - mu_bar)^2: the same value without the cancellation."""
+        iterations = [(batch_mean, batch_var, torch.ones_like(batch_mean))]
+        for old_mean, old_var in self.compensated_history():
+            iterations.append((old_mean, old_var, (old_var >= 0).to(batch_mean.dtype)))
+        kept = sum(valid for _, _, valid in iterations)
+        mean = sum(m * valid for m, _, valid in iterations) / kept
+        within = sum(v * valid for _, v, valid in iterations) / kept
+        between = sum((m - mean).square() * valid for m, _, valid in iterations) / kept
+        return mean, within + between
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("cbn", x, self.num_features)
@@ -216,9 +233,9 @@ class CrossIterationBatchNorm(NormLayer):
             and conv.weight.requires_grad
         )
         if cross_iteration:
-            batch_mean, batch_mean_sq = mean, var + mean * mean
+            batch_mean, batch_var = mean, var
             if step > self.burnin and self._history:
-                mean, var = self._combine(batch_mean, batch_mean_sq)
+                mean, var = self._combine(batch_mean, batch_var)
             if step + self.k > self.burnin:
-                self._record(x, dims, batch_mean, batch_mean_sq, count)
+                self._record(x, dims, batch_mean, batch_var, count)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)

@@ -31,7 +31,7 @@ from torch import Tensor
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
-from normlayers.stats import unbiased, update_running
+from normlayers.stats import compute_dtype, unbiased, update_running
 
 DEFAULT_GROUPS = 32
 
@@ -73,11 +73,6 @@ def check_spatial(who: str, x: Tensor, num_features: int) -> None:
             f"{who}: needs spatial input (N, {num_features}, H, W), got shape {tuple(x.shape)}; "
             f"for (N, C) features use ln, gn or bn"
         )
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 for half/bfloat16 input, the input's own dtype when it is wider."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def cast(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:

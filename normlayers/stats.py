@@ -5,7 +5,8 @@ group it packs the sample count, the sums and the sums of squares of its slice (
 from the slice's own two-pass mean and variance) into a single tensor and all-reduces it once, so
 the statistics equal those of one process holding the whole global batch, whatever the per-rank
 batch sizes. The all-reduce is differentiable (the backward of a sum all-reduce is a sum all-reduce
-of the gradients). Statistics are computed in float32 with autocast off, whatever the input dtype.
+of the gradients). Statistics are computed with autocast off, in float32 for float32 and
+low-precision input and in float64 for float64 input (:func:`compute_dtype`).
 """
 
 from __future__ import annotations
@@ -46,16 +47,17 @@ def batch_moments(
     group=None,
     who: str = "normalization layer",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance of ``x`` over ``dims``, in float32, and the number of values.
+    """Mean and biased variance of ``x`` over ``dims``, in :func:`compute_dtype`, and the number of values.
 
     Returns ``(mean, var, count)``; ``mean`` and ``var`` have the shape of ``x`` with ``dims``
-    removed, ``count`` is a float32 scalar tensor (values per statistic, over the whole group).
+    removed, ``count`` is a scalar tensor of the same dtype (values per statistic, over the whole group).
     ``group`` of ``None`` means the local batch only. Raises ``ValueError`` when a statistic would
     come from a single value (``who`` names the layer in the message).
     """
     dims = tuple(d % x.dim() for d in dims)
+    dtype = compute_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xf = x.float()
+        xf = x.to(dtype)
         local_count = 1
         for d in dims:
             local_count *= x.shape[d]
@@ -63,7 +65,7 @@ def batch_moments(
             if local_count <= 1:
                 raise single_value_error(who, x)
             var, mean = _var_mean(xf, dims, local_count)
-            return mean, var, torch.tensor(float(local_count), device=x.device)
+            return mean, var, torch.tensor(float(local_count), dtype=dtype, device=x.device)
         if local_count > 0:
             # Local moments by torch's stable two-pass var_mean, shifted to the origin in float64: the float32
             # E[x^2] - E[x]^2 of the global values loses the variance once |mean| >> std (0.5% error at
@@ -85,7 +87,7 @@ def batch_moments(
         k = sums.numel()
         mean = total[1 : 1 + k] / n
         var = (total[1 + k :] / n - mean * mean).clamp_min(0.0)
-        return mean.float().reshape(sums.shape), var.float().reshape(sums.shape), n.float().detach()
+        return mean.to(dtype).reshape(sums.shape), var.to(dtype).reshape(sums.shape), n.to(dtype).detach()
 
 
 def _var_mean(xf: Tensor, dims: tuple[int, ...], count: int) -> tuple[Tensor, Tensor]:
@@ -97,6 +99,19 @@ def _var_mean(xf: Tensor, dims: tuple[int, ...], count: int) -> tuple[Tensor, Te
     mean = xf.mean(dim=dims, keepdim=True)
     var = torch.linalg.vector_norm(xf - mean, dim=dims).square() / count
     return var, mean.squeeze(dims)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16 input, the input's own dtype when it is wider (float64 stays float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def keep_format(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in ``x``'s memory format: channels_last input gives channels_last output."""
+    for dim, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dim == y.dim() and not x.is_contiguous() and x.is_contiguous(memory_format=layout):
+            return y.contiguous(memory_format=layout)
+    return y
 
 
 def single_value_error(who: str, x: Tensor) -> ValueError:
