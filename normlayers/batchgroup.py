@@ -24,7 +24,7 @@ from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
-from normlayers.stats import batch_moments, unbiased, update_running
+from normlayers.stats import batch_moments, single_value_error, unbiased, update_running
 
 
 @register("bgn", "Batch Group Normalization (Zhou et al. 2020): over the batch and one of G groups of C*H*W")
@@ -60,6 +60,8 @@ class BatchGroupNorm(NormLayer):
                 f"num_features={self.num_features}"
             )
         if self.training:
+            if batch * values // self.groups <= 1:
+                raise single_value_error("bgn", x)
             mean, var, count = batch_moments(x.reshape(batch, self.groups, -1), [0, 2], self.process_group, who="bgn")
             self.num_batches_tracked.add_(1)
             update_running(self.running_mean, mean.detach(), self.momentum, self.num_batches_tracked)

@@ -23,6 +23,8 @@ from normlayers.stats import (
     affine,
     batch_moments,
     channel_shape,
+    compute_dtype,
+    keep_format,
     single_value_error,
     unbiased,
     update_running,
@@ -37,6 +39,10 @@ class Identity(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+def cast(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if param is None else param.to(dtype)
 
 
 def check_channels(who: str, x: Tensor, num_features: int) -> None:
@@ -73,21 +79,26 @@ class BatchNorm(_BatchNorm, NormLayer):
             if use_batch and x.numel() // x.shape[1] <= 1:
                 raise single_value_error("bn", x)
             state = self.weight if self.weight is not None else self.running_mean
-            if x.dtype == torch.float64 and state is not None and state.dtype != x.dtype:
-                # torch's CPU kernel refuses float64 input with float32 parameters (it takes bf16/fp16)
-                return super().forward(x.float()).to(x.dtype)
-            return super().forward(x)
-        return self._synchronised_forward(x)
+            if not (x.dtype == torch.float64 and state is not None and state.dtype != x.dtype):
+                return super().forward(x)
+            # float64 input, float32 state: torch's kernel would need the input cast to float32
+            # (it refuses the mix); float64 statistics instead, as every other variant computes them
+        return self._moments_forward(x, use_batch)
 
-    def _synchronised_forward(self, x: Tensor) -> Tensor:
-        dims = [0, *range(2, x.dim())]
-        mean, var, count = batch_moments(x, dims, self.process_group, who="bn")
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            update_running(self.running_mean, mean, self.momentum, self.num_batches_tracked)
-            update_running(self.running_var, unbiased(var, count), self.momentum, self.num_batches_tracked)
+    def _moments_forward(self, x: Tensor, use_batch: bool) -> Tensor:
+        """Through :func:`batch_moments` (synchronised, or float64 input with float32 state)."""
+        if use_batch:
+            dims = [0, *range(2, x.dim())]
+            mean, var, count = batch_moments(x, dims, self.process_group, who="bn")
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                update_running(self.running_mean, mean, self.momentum, self.num_batches_tracked)
+                update_running(self.running_var, unbiased(var, count), self.momentum, self.num_batches_tracked)
+        else:
+            mean, var = self.running_mean, self.running_var
         shape = channel_shape(x)
+        dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = (x.float() - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-            y = affine(y, self.weight, self.bias)
-        return y.to(x.dtype)
+            y = (x.to(dtype) - mean.to(dtype).reshape(shape)) * torch.rsqrt(var.to(dtype).reshape(shape) + self.eps)
+            y = affine(y, cast(self.weight, dtype), cast(self.bias, dtype))
+        return keep_format(y.to(x.dtype), x)

@@ -27,7 +27,14 @@ from torch.autograd.function import once_differentiable
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.groupnorm import check_spatial, compute_dtype, resolve_groups
 from normlayers.registry import register
-from normlayers.stats import batch_moments, single_value_error, unbiased, update_running
+from normlayers.stats import (
+    batch_moments,
+    check_values_per_statistic,
+    keep_format,
+    single_value_error,
+    unbiased,
+    update_running,
+)
 
 
 class _EvoNormB0Function(torch.autograd.Function):
@@ -175,6 +182,8 @@ class EvoNormB0(_EvoNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         check_spatial("evonorm_b0", x, self.num_features)
+        check_values_per_statistic("evonorm_b0", x, x[0, 0].numel(), "instance (per sample and channel)",
+                                   "evonorm_b0 needs feature maps larger than 1x1")
         dtype = compute_dtype(x)
         spatial = tuple(range(2, x.dim()))
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -214,11 +223,13 @@ class EvoNormS0(_EvoNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         check_spatial("evonorm_s0", x, self.num_features)
+        check_values_per_statistic("evonorm_s0", x, x[0].numel() // self.groups, "per-sample group",
+                                   "use fewer groups or larger feature maps")
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = _EvoNormS0Function.apply(x.to(dtype), self.v.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
                                          self.groups, self.eps)
-        return y.to(x.dtype)
+        return keep_format(y.to(x.dtype), x)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}"

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers.base import NormLayer, check_eps_momentum
-from normlayers.batchnorm import check_channels
+from normlayers.batchnorm import cast, check_channels
 from normlayers.registry import register
-from normlayers.stats import compute_dtype, unbiased, update_running
+from normlayers.stats import check_values_per_statistic, compute_dtype, unbiased, update_running
 
 DEFAULT_GROUPS = 32
 
@@ -75,10 +75,6 @@ def check_spatial(who: str, x: Tensor, num_features: int) -> None:
         )
 
 
-def cast(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if param is None else param.to(dtype)
-
-
 class _GroupedNorm(NormLayer):
     """GN with a fixed group count; LN and GN share it (torch's fused ``group_norm`` kernel)."""
 
@@ -92,6 +88,8 @@ class _GroupedNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels(self.norm_name, x, self.num_features)
+        check_values_per_statistic(self.norm_name, x, x[0].numel() // self.groups, "per-sample group",
+                                   "use fewer groups or larger feature maps")
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = F.group_norm(x.to(dtype), self.groups, cast(self.weight, dtype), cast(self.bias, dtype), self.eps)

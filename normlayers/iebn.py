@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import BatchNorm, check_channels
 from normlayers.registry import register
-from normlayers.stats import channel_shape, single_value_error
+from normlayers.stats import channel_shape, compute_dtype, keep_format, single_value_error
 
 
 @register("iebn", "Instance Enhancement BN (Liang et al. 2020): BN gated by sigmoid(w*avgpool(x)+b) per sample")
@@ -66,9 +66,11 @@ class InstanceEnhancementBatchNorm(NormLayer):
             raise single_value_error("iebn", x)
         x_hat = self.bn(x)
         shape = channel_shape(x)
+        dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.float()
+            xf = x.to(dtype)
             pooled = xf.mean(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else xf
-            gate = torch.sigmoid(pooled * self.gate_weight.reshape(shape) + self.gate_bias.reshape(shape))
-            y = x_hat.float() * (self.weight.reshape(shape) * gate) + self.bias.reshape(shape)
-        return y.to(x.dtype)
+            gate = torch.sigmoid(pooled * self.gate_weight.to(dtype).reshape(shape)
+                                 + self.gate_bias.to(dtype).reshape(shape))
+            y = x_hat.to(dtype) * (self.weight.to(dtype).reshape(shape) * gate) + self.bias.to(dtype).reshape(shape)
+        return keep_format(y.to(x.dtype), x)

@@ -22,6 +22,7 @@ from torch import Tensor
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.groupnorm import cast, check_spatial, compute_dtype
 from normlayers.registry import register
+from normlayers.stats import check_values_per_statistic
 
 
 @register("pn", "Positional Normalization (Li et al. 2019): per sample per position over C; NCHW")
@@ -35,6 +36,7 @@ class PositionalNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         check_spatial("pn", x, self.num_features)
+        check_values_per_statistic("pn", x, self.num_features, "per-position", "pn needs more than one channel")
         dtype = compute_dtype(x)
         channels_last = x.movedim(1, -1)
         was_channels_last = channels_last.is_contiguous()

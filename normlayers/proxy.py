@@ -29,7 +29,7 @@ from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import resolve_groups
 from normlayers.registry import register
-from normlayers.stats import channel_shape
+from normlayers.stats import channel_shape, compute_dtype, keep_format
 
 _ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}
 _BASES = ("ln", "gn")
@@ -83,10 +83,11 @@ class ProxyNorm(NormLayer):
         return (f"{self.num_features}, base={self.base}, groups={self.groups}, activation={self.activation}, "
                 f"eps={self.eps}, proxy_eps={self.proxy_eps}, samples={self.samples}")
 
-    def proxy_moments(self) -> tuple[Tensor, Tensor]:
+    def proxy_moments(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """E[phi(gamma_c V + beta_c)] and Var[...] per channel over the Gaussian quantiles V."""
         phi = _ACTIVATIONS[self.activation]
-        proxy = phi(self.weight.float()[:, None] * self.quantiles[None, :] + self.bias.float()[:, None])
+        quantiles = self.quantiles.to(dtype)
+        proxy = phi(self.weight.to(dtype)[:, None] * quantiles[None, :] + self.bias.to(dtype)[:, None])
         var, mean = torch.var_mean(proxy, dim=1, correction=0)
         return mean, var
 
@@ -98,9 +99,10 @@ class ProxyNorm(NormLayer):
             )
         shape = channel_shape(x)
         phi = _ACTIVATIONS[self.activation]
+        dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_hat = F.group_norm(x.float(), self.groups, None, None, self.eps)
-            z = phi(x_hat * self.weight.float().reshape(shape) + self.bias.float().reshape(shape))
-            mean, var = self.proxy_moments()
+            x_hat = F.group_norm(x.to(dtype), self.groups, None, None, self.eps)
+            z = phi(x_hat * self.weight.to(dtype).reshape(shape) + self.bias.to(dtype).reshape(shape))
+            mean, var = self.proxy_moments(dtype)
             y = (z - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.proxy_eps)
-        return y.to(x.dtype)
+        return keep_format(y.to(x.dtype), x)

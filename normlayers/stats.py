@@ -114,6 +114,16 @@ def keep_format(y: Tensor, x: Tensor) -> Tensor:
     return y
 
 
+def check_values_per_statistic(who: str, x: Tensor, values: int, what: str, advice: str) -> None:
+    """One clear error when a per-sample statistic (``what``, e.g. "group") would come from one value:
+    its variance would be zero and the output the bias alone (or x / sqrt(eps)), in train and eval."""
+    if values <= 1:
+        raise ValueError(
+            f"{who}: each {what} statistic needs more than one value, got {values} from input of shape "
+            f"{tuple(x.shape)}; {advice}"
+        )
+
+
 def single_value_error(who: str, x: Tensor) -> ValueError:
     return ValueError(
         f"{who}: training needs more than one value per statistic to compute batch statistics, "

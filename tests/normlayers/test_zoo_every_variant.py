@@ -1,0 +1,156 @@
+"""Contracts every registered variant keeps, checked over the registry (a new variant must be listed):
+float64 input gives float64 statistics, channels_last input gives channels_last output, and a
+statistic of one value is refused with a clear error, in training and (where the statistic is per
+sample) in eval."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from normlayers import available, build_norm
+
+C = 8
+OFFSET = 1e4
+
+#: one spec per registered variant that makes its own mechanism active on (8, C, 4, 4) input
+SPECS = {
+    "none": "none",
+    "bn": "bn",
+    "ghost": "ghost:virtual_batch=2",
+    "brn": "brn:warmup_steps=0,r_max_steps=1,d_max_steps=1,r_max=1.5,d_max=0.5",
+    "gn": "gn:groups=4",
+    "ln": "ln",
+    "in": "in:affine=true",
+    "pn": "pn",
+    "frn": "frn",
+    "bgn": "bgn:groups=4",
+    "evonorm_b0": "evonorm_b0",
+    "evonorm_s0": "evonorm_s0:groups=4",
+    "cbn": "cbn:burnin=0",
+    "kn": "kn",
+    "iebn": "iebn",
+    "ic": "ic:drop=0.0",
+    "proxy": "proxy",
+}
+#: train-mode output unchanged when a constant is added to the input (they subtract a mean)
+SHIFT_INVARIANT = {"bn", "ghost", "gn", "ln", "in", "pn", "bgn", "cbn", "kn", "ic", "proxy"}
+
+
+def test_every_registered_variant_is_listed():
+    assert set(SPECS) == set(available())
+
+
+def randomized(spec: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layer = build_norm(spec, C)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name != "eps_learned":
+                p.copy_(torch.rand_like(p) + 0.5 if name in ("weight", "v") else torch.randn_like(p) * 0.3)
+    return layer
+
+
+def trained(spec: str) -> torch.nn.Module:
+    layer = randomized(spec)
+    for step in range(3):
+        layer(torch.randn(8, C, 4, 4, generator=torch.Generator().manual_seed(step)) * 0.5 + OFFSET)
+    return layer
+
+
+def sample(shape=(8, C, 4, 4), offset: float = OFFSET, dtype=torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(42)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * 0.5 + offset).to(dtype)
+
+
+def run(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """The output of a fresh copy (so running statistics do not carry over between calls)."""
+    layer = copy.deepcopy(layer).train(training)
+    with torch.no_grad():
+        return layer(x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_float64_input_gets_float64_statistics(name, training):
+    layer = trained(SPECS[name])
+    x = sample()
+    y = run(layer, x, training)
+    assert y.dtype == torch.float64
+    # the layer converted to float64 (parameters and buffers) gives the same values
+    torch.testing.assert_close(y, run(copy.deepcopy(layer).double(), x, training), rtol=0, atol=1e-10)
+    # Resolution: a perturbation of 1e-7 at 1e4 is below float32's rounding there (1e-3): a float32
+    # step anywhere in the path loses it. In float64 the response is linear: twice the step, twice the change.
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 1e-7
+    once, twice = run(layer, x + delta, training) - y, run(layer, x + 2 * delta, training) - y
+    assert once.abs().max() > 0, "the output does not resolve a 1e-7 change of a 1e4 input"
+    torch.testing.assert_close(twice, 2 * once, rtol=0, atol=1e-4 * once.abs().max().item())
+    if training and name in SHIFT_INVARIANT:
+        # the same input without the offset: the float64 reference the +1e4 input must match
+        torch.testing.assert_close(y, run(layer, x - OFFSET, training), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_channels_last_input_gives_channels_last_output(name, training):
+    layer = trained(SPECS[name])
+    x = sample(offset=1.0, dtype=torch.float32)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    y = run(layer, x_last, training)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, run(layer, x, training))
+    # and the backward takes the channels_last gradient
+    grad_layer = copy.deepcopy(layer).train(training)
+    leaf = x_last.clone().requires_grad_()
+    grad_layer(leaf).backward(torch.ones_like(y))
+    assert torch.isfinite(leaf.grad).all()
+
+
+#: (spec, channels, shape, refused in eval too): inputs that leave one value per statistic
+ONE_VALUE = {
+    "bn": [("bn", C, (1, C), False), ("bn", C, (1, C, 1, 1), False)],
+    "ghost": [("ghost:virtual_batch=1", C, (4, C), False)],
+    "brn": [("brn", C, (1, C), False), ("brn", C, (1, C, 1, 1), False)],
+    "gn": [("gn:groups=8", C, (4, C, 1, 1), True), ("gn:groups=8", C, (4, C), True)],
+    "ln": [("ln", 1, (4, 1, 1, 1), True), ("ln", 1, (4, 1), True)],
+    "in": [("in", C, (4, C, 1, 1), True)],
+    "pn": [("pn", 1, (4, 1, 3, 3), True)],
+    "bgn": [("bgn:groups=8", C, (1, C), False), ("bgn:groups=16", C, (1, C, 1, 2), False)],
+    "evonorm_b0": [("evonorm_b0", C, (4, C, 1, 1), True), ("evonorm_b0", C, (1, C, 1, 1), True)],
+    "evonorm_s0": [("evonorm_s0:groups=8", C, (4, C, 1, 1), True)],
+    "cbn": [("cbn", C, (1, C), False)],
+    "kn": [("kn", C, (1, C, 1, 1), False)],
+    "iebn": [("iebn", C, (1, C), False)],
+    "ic": [("ic", C, (1, C, 1, 1), False)],
+    "proxy": [("proxy:base=gn,groups=8", C, (4, C, 1, 1), True), ("proxy", 1, (4, 1, 1, 1), True)],
+}
+#: variants with no statistic that a single value would make degenerate, and why
+NO_SINGLE_VALUE_STATISTIC = {
+    "none": "no statistics",
+    # FRN's nu^2 is a mean square, not a variance: on one value (the paper's fully connected case,
+    # Sec. 3.1) it is x^2, and the learned eps is the paper's answer to what that does
+    "frn": "mean square about zero, defined by the paper for one value",
+}
+
+
+def test_every_variant_is_covered_by_the_single_value_check():
+    assert set(ONE_VALUE) | set(NO_SINGLE_VALUE_STATISTIC) == set(available())
+    assert not set(ONE_VALUE) & set(NO_SINGLE_VALUE_STATISTIC)
+
+
+@pytest.mark.parametrize(("name", "case"), [(n, c) for n, cases in sorted(ONE_VALUE.items()) for c in cases])
+def test_one_value_per_statistic_is_refused(name, case):
+    spec, channels, shape, in_eval = case
+    layer = build_norm(spec, channels)
+    with pytest.raises(ValueError, match=rf"^{name}: .*more than one .*{re.escape(str(tuple(shape)))}") as info:
+        layer(torch.randn(shape))
+    assert "\n" not in str(info.value)
+    layer.eval()
+    if in_eval:
+        with pytest.raises(ValueError, match=rf"^{name}: .*more than one "):
+            layer(torch.randn(shape))
+    else:
+        assert layer(torch.randn(shape)).shape == shape  # eval uses running statistics: fine
