@@ -9,8 +9,11 @@ L = C*H*W / G values; each statistic is over the whole batch and one group:
 
 so G sets how many values feed each statistic: N * C*H*W / G. G = C is BN exactly; G < C pools
 channels (useful at small batch), G > C splits channels (useful at large batch). G must divide
-C*H*W; when it does not divide C, the groups depend on H*W, so eval input must have the training
-spatial size. Running mean and unbiased variance have size G (torch's momentum convention) and
+C*H*W; when it does not divide C, a group holds parts of channels and which values it holds depends
+on H*W, so the running statistics of a group mean something only at the spatial size they were
+gathered at: such a layer records that size (the ``positions`` buffer, H*W, 0 until the first
+training step) and refuses input of another size, in training and in eval, with a clear error.
+Running mean and unbiased variance have size G (torch's momentum convention) and
 are used in eval; the affine is per channel. The batch moments come from
 :func:`normlayers.stats.batch_moments`, so a process group synchronises them.
 """
@@ -49,6 +52,8 @@ class BatchGroupNorm(NormLayer):
         self.momentum = momentum
         self.init_affine(num_features, affine)
         self.init_running_stats(groups)
+        if num_features % groups:
+            self.register_buffer("positions", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("bgn", x, self.num_features)
@@ -59,6 +64,8 @@ class BatchGroupNorm(NormLayer):
                 f"(input shape {tuple(x.shape)}); choose groups that divide {values}, e.g. a divisor of "
                 f"num_features={self.num_features}"
             )
+        if hasattr(self, "positions"):
+            self._check_positions(x)
         if self.training:
             if batch * values // self.groups <= 1:
                 raise single_value_error("bgn", x)
@@ -69,6 +76,27 @@ class BatchGroupNorm(NormLayer):
         else:
             mean, var = self.running_mean, self.running_var
         return self._normalize(x, mean, var)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the size was recorded: unknown size (0), set by the next training step
+        if hasattr(self, "positions") and prefix + "positions" not in state_dict:
+            state_dict[prefix + "positions"] = torch.zeros_like(self.positions)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_positions(self, x: Tensor) -> None:
+        """Groups that split channels depend on H*W: keep the size the running statistics belong to."""
+        positions, seen = x[0, 0].numel(), int(self.positions)
+        if seen == 0:
+            if self.training:
+                self.positions.fill_(positions)
+            return
+        if positions != seen:
+            raise ValueError(
+                f"bgn: groups={self.groups} does not divide num_features={self.num_features}, so each group "
+                f"holds parts of channels laid out for H*W={seen} positions (the size it was trained at); got "
+                f"input of shape {tuple(x.shape)} with H*W={positions}; use inputs of the training size, or "
+                f"groups dividing {self.num_features}"
+            )
 
     def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         dtype = compute_dtype(x)

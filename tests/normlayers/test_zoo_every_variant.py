@@ -154,3 +154,31 @@ def test_one_value_per_statistic_is_refused(name, case):
             layer(torch.randn(shape))
     else:
         assert layer(torch.randn(shape)).shape == shape  # eval uses running statistics: fine
+
+
+def test_bgn_with_groups_splitting_channels_refuses_another_spatial_size():
+    layer = build_norm("bgn:groups=16", C)  # 16 groups of 8 channels: each group is half a channel
+    layer(torch.randn(4, C, 4, 4))
+    # same H*W, other layout: fine (the groups are cut from the flattened C*H*W values)
+    assert layer(torch.randn(4, C, 2, 8)).shape == (4, C, 2, 8)
+    for training in (True, False):
+        layer.train(training)
+        with pytest.raises(ValueError, match=r"^bgn: groups=16 does not divide num_features=8.*trained at\); got input "
+                                             r"of shape \(4, 8, 6, 6\) with H\*W=36; use inputs of the training size"):
+            layer(torch.randn(4, C, 6, 6))
+    # the size is state: it survives a state_dict round trip
+    restored = build_norm("bgn:groups=16", C)
+    restored.load_state_dict(layer.state_dict())
+    with pytest.raises(ValueError, match=r"H\*W=16 positions"):
+        restored.eval()(torch.randn(2, C, 6, 6))
+    # groups dividing C hold whole channels: any spatial size, as BN
+    whole = build_norm("bgn:groups=4", C)
+    whole(torch.randn(4, C, 4, 4))
+    assert whole.eval()(torch.randn(2, C, 5, 5)).shape == (2, C, 5, 5)
+
+
+def test_bgn_loads_a_state_without_the_recorded_size():
+    old = {k: v for k, v in build_norm("bgn:groups=16", C).state_dict().items() if k != "positions"}
+    layer = build_norm("bgn:groups=16", C)
+    layer.load_state_dict(old)
+    assert int(layer.positions) == 0
