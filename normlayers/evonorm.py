@@ -9,8 +9,11 @@ learned per channel (v_1 and gamma start at 1, beta at 0):
 
 B0's batch variance s^2_{b,w,h} (over the batch and positions, per channel) is the only statistic
 that crosses the batch: it comes from :func:`normlayers.stats.batch_moments`, so a process group
-synchronises it, and its moving average (torch's momentum convention, unbiased) replaces it in
-eval, as the paper does; B0 keeps no running mean because it never subtracts one. S0 uses the
+synchronises it, and its moving average (torch's momentum convention) replaces it in eval, as the
+paper does; B0 keeps no running mean because it never subtracts one. The paper does not say whether
+the moving variance is Bessel-corrected: ``unbiased_running=True`` (default) is torch's BatchNorm
+convention, so a B0 layer's running variance means what a bn layer's does; ``False`` averages the
+biased batch variance itself, as the paper's TensorFlow moving average of ``tf.nn.moments`` would. S0 uses the
 per-sample group standard deviation (G groups, default 32 as for GN), so it is per sample. Both
 replace the activation that would follow (``includes_activation``). The paper defines them on
 convolutional feature maps, so input is NCHW. Each layer's elementwise part is one
@@ -173,10 +176,12 @@ class _EvoNorm(NormLayer):
 class EvoNormB0(_EvoNorm):
     batch_dependent = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 unbiased_running: bool = True):
         super().__init__(num_features, eps)
         check_eps_momentum("evonorm_b0", eps, momentum)
         self.momentum = momentum
+        self.unbiased_running = unbiased_running
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
@@ -201,12 +206,14 @@ class EvoNormB0(_EvoNorm):
                                                     self.weight.to(dtype), self.bias.to(dtype), self.eps)
         if self.training:
             self.num_batches_tracked.add_(1)
-            update_running(self.running_var, unbiased((local_var if batch_std is None else batch_var).detach(), count),
+            observed = (local_var if batch_std is None else batch_var).detach()
+            update_running(self.running_var, unbiased(observed, count) if self.unbiased_running else observed,
                            self.momentum, self.num_batches_tracked)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"unbiased_running={self.unbiased_running}")
 
 
 @register("evonorm_s0", "EvoNorm-S0 (Liu et al. 2020): x*sigmoid(v*x) / group std; NCHW")

@@ -9,10 +9,15 @@ each is batch-normalized with its own statistics. For ghost batch k and channel 
     y = gamma_c * (x - mu_{k,c}) / sqrt(sigma_{k,c}^2 + eps) + beta_c
 
 v = N is plain BN. Eval uses the running statistics, like BN. The running mean and unbiased
-variance are updated once per ghost batch, in order, with ``momentum / (N / v)`` as composer's
-GhostBatchNorm does, so a step moves them about as far as one BN step would. The K sequential
-updates are applied in closed form: weight a(1-a)^(K-1-k) for ghost batch k, a = momentum / K.
-``momentum=None`` keeps torch's cumulative average over steps, of the ghost batches' mean.
+variance are updated once per ghost batch, in order. The paper does not say with which momentum
+(its Algorithm 1 is written for one ghost batch). ``running_update="per_step"`` (default) uses
+``momentum / (N / v)`` per ghost batch, as composer's GhostBatchNorm does, so a step moves them
+about as far as one BN step would and a momentum tuned for BN keeps its meaning whatever v is.
+``running_update="per_ghost"`` applies the full ``momentum`` at every ghost batch, as a BN layer
+run on the ghost batches one after another would (the running statistics then forget K times
+faster per step). The K sequential updates are applied in closed form: weight a(1-a)^(K-1-k) for
+ghost batch k, a the per-ghost-batch momentum. ``momentum=None`` keeps torch's cumulative average
+over steps, of the ghost batches' mean, in both.
 
 Synchronised (``process_group`` set, see :func:`normlayers.convert_sync`): the ghost batches are
 those of the global batch (the ranks' batches concatenated in rank order), cut exactly as one
@@ -34,6 +39,9 @@ from normlayers.registry import register
 from normlayers.stats import batch_moments, unbiased, update_running
 from normlayers.sync import ghost_moments
 
+#: the momentum of one ghost batch's update: momentum / (N / v) ("per_step") or momentum ("per_ghost")
+RUNNING_UPDATES = ("per_step", "per_ghost")
+
 
 @register("ghost", "Ghost Batch Normalization (Hoffer et al. 2017): BN over virtual batches; NC or NCHW")
 class GhostBatchNorm(NormLayer):
@@ -46,9 +54,15 @@ class GhostBatchNorm(NormLayer):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        running_update: str = "per_step",
     ):
         super().__init__()
         check_eps_momentum("ghost", eps, momentum)
+        if running_update not in RUNNING_UPDATES:
+            raise ValueError(
+                f"ghost: running_update must be one of {', '.join(RUNNING_UPDATES)}, got {running_update!r}"
+            )
+        self.running_update = running_update
         if virtual_batch < 1:
             raise ValueError(f"ghost: virtual_batch must be a positive number of samples, got {virtual_batch}")
         self.num_features = num_features
@@ -108,7 +122,7 @@ class GhostBatchNorm(NormLayer):
             update_running(self.running_mean, mean.mean(0), None, self.num_batches_tracked)
             update_running(self.running_var, var.mean(0), None, self.num_batches_tracked)
             return
-        per_chunk = self.momentum / chunks
+        per_chunk = self.momentum / chunks if self.running_update == "per_step" else self.momentum
         effective = 1.0 - (1.0 - per_chunk) ** chunks
         if effective == 0.0:
             return
@@ -120,4 +134,4 @@ class GhostBatchNorm(NormLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, virtual_batch={self.virtual_batch}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}")
+                f"momentum={self.momentum}, affine={self.affine}, running_update={self.running_update}")

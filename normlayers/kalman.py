@@ -31,7 +31,12 @@ code. Choices where the paper leaves the details to its code:
   whose weight layer does not take the predecessor's channels (a shortcut), uses its batch statistics.
   The prediction stays in the graph, so gradients flow to the earlier layers and the conv weights.
 * Eval uses running averages of the estimated statistics (mu_{k|k}, Sigma_{k|k}), as the authors'
-  code does with its moving averages, with torch's momentum convention.
+  code does with its moving averages, with torch's momentum convention. Sigma_{k|k} is built from the
+  biased batch variance S_k and averaged as it is (``unbiased_running=False``, default: the authors'
+  moving average of the estimate the layer normalises with); ``unbiased_running=True`` applies
+  Bessel's correction to it as torch's BatchNorm does to its running variance.
+* The transition's closed form is the exact expectation that the authors' Gaussian samples estimate,
+  so no option brings the sampling back: it would only add Monte Carlo noise.
 
 Batch statistics come from :func:`normlayers.stats.batch_moments`, so a process group synchronises
 them (and, through the chain, the predictions).
@@ -48,7 +53,7 @@ from normlayers.base import NormLayer, check_eps_momentum, check_weight_layer
 from normlayers.batchnorm import check_channels
 from normlayers.cbn import normalize_with
 from normlayers.registry import register
-from normlayers.stats import batch_moments, update_running
+from normlayers.stats import batch_moments, unbiased, update_running
 
 #: the authors' guard: beyond this ratio of predicted to observed variance, trust the batch alone
 PRIOR_VARIANCE_RATIO_LIMIT = 100.0
@@ -109,6 +114,7 @@ class KalmanNorm(NormLayer):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        unbiased_running: bool = False,
     ):
         super().__init__()
         if not 0.0 < gain < 1.0:
@@ -118,6 +124,7 @@ class KalmanNorm(NormLayer):
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
+        self.unbiased_running = unbiased_running
         logit = torch.full((num_features,), math.log(gain / (1.0 - gain)))
         if learn_gain:
             self.gain_logit = nn.Parameter(logit)
@@ -168,7 +175,7 @@ class KalmanNorm(NormLayer):
             return normalize_with(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
         dims = [0, *range(2, x.dim())]
-        mean, var, _ = batch_moments(x, dims, self.process_group, who="kn")
+        mean, var, count = batch_moments(x, dims, self.process_group, who="kn")
         self._forward_count += 1
         with torch.autocast(device_type=x.device.type, enabled=False):
             predicted = self.prediction()
@@ -184,7 +191,8 @@ class KalmanNorm(NormLayer):
         self._estimate.moments, self._estimate.count = (mean, var), self._forward_count
         self.num_batches_tracked.add_(1)
         update_running(self.running_mean, mean.detach(), self.momentum, self.num_batches_tracked)
-        update_running(self.running_var, var.detach(), self.momentum, self.num_batches_tracked)
+        running_var = unbiased(var.detach(), count) if self.unbiased_running else var.detach()
+        update_running(self.running_var, running_var, self.momentum, self.num_batches_tracked)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
 
 
