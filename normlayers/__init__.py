@@ -9,6 +9,7 @@ from normlayers import batchnorm as _batchnorm  # noqa: F401  (registers its var
 from normlayers import cbn as _cbn  # noqa: F401
 from normlayers import evonorm as _evonorm  # noqa: F401
 from normlayers import frn as _frn  # noqa: F401
+from normlayers import frozen as _frozen  # noqa: F401
 from normlayers import ghost as _ghost  # noqa: F401
 from normlayers import groupnorm as _groupnorm  # noqa: F401
 from normlayers import ic as _ic  # noqa: F401
@@ -17,22 +18,29 @@ from normlayers import kalman as _kalman  # noqa: F401
 from normlayers import positional as _positional  # noqa: F401
 from normlayers import proxy as _proxy  # noqa: F401
 from normlayers import renorm as _renorm  # noqa: F401
+from normlayers import rms as _rms  # noqa: F401
+from normlayers import switchable as _switchable  # noqa: F401
+from normlayers import whitening as _whitening  # noqa: F401
 from normlayers.base import NormLayer
+from normlayers.frozen import freeze_norms, unfreeze_norms
 from normlayers.kalman import link_kalman_layers
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
-from normlayers.stats import batch_moments
+from normlayers.stats import batch_covariance, batch_moments
 from normlayers.sync import convert_sync, revert_sync
 
 __all__ = [
     "NormInfo",
     "NormLayer",
     "available",
+    "batch_covariance",
     "batch_moments",
     "build_norm",
     "convert_sync",
+    "freeze_norms",
     "link_kalman_layers",
     "norm_class",
     "parse_spec",
     "register",
     "revert_sync",
+    "unfreeze_norms",
 ]

@@ -90,6 +90,47 @@ def batch_moments(
         return mean.to(dtype).reshape(sums.shape), var.to(dtype).reshape(sums.shape), n.to(dtype).detach()
 
 
+def batch_covariance(x: Tensor, group=None, who: str = "normalization layer") -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased covariance of the vectors ``x[g, :, m]`` over ``m`` (and over the process group).
+
+    ``x`` is ``(G, d, M)``: G groups of d-dimensional vectors, M of them on this rank. Returns
+    ``(mean (G, d), cov (G, d, d), count)`` in :func:`compute_dtype`. The whitening layers' analogue of
+    :func:`batch_moments`, synchronised the same way: each rank packs its count, its sums and its
+    sums of outer products (float64, built from its own centred covariance) into one tensor and
+    all-reduces it once, differentiably.
+    """
+    dtype = compute_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.to(dtype)
+        local_count = x.shape[2]
+        synced = group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
+        if not synced:
+            if local_count <= 1:
+                raise single_value_error(who, x)
+            mean = xf.mean(dim=2, keepdim=True)
+            centred = xf - mean
+            return mean.squeeze(2), centred @ centred.transpose(1, 2) / local_count, \
+                torch.tensor(float(local_count), dtype=dtype, device=x.device)
+        if local_count > 0:
+            mean = xf.mean(dim=2, keepdim=True)
+            centred = xf - mean
+            mean64 = mean.double()
+            sums = mean64.squeeze(2) * local_count
+            outer = (centred @ centred.transpose(1, 2)).double() + mean64 @ mean64.transpose(1, 2) * local_count
+        else:
+            zeros = xf.sum(dim=2).double()
+            sums, outer = zeros, zeros[:, :, None] * zeros[:, None, :]
+        count = torch.full((1,), float(local_count), dtype=torch.float64, device=x.device)
+        total = reduce_sum(torch.cat([count, sums.reshape(-1), outer.reshape(-1)]), group)
+        n = total[0]
+        if n.item() <= 1:
+            raise single_value_error(who, x)
+        groups, dims = sums.shape
+        mean = total[1 : 1 + groups * dims].reshape(groups, dims) / n
+        cov = total[1 + groups * dims :].reshape(groups, dims, dims) / n - mean[:, :, None] * mean[:, None, :]
+        return mean.to(dtype), cov.to(dtype), n.to(dtype).detach()
+
+
 def _var_mean(xf: Tensor, dims: tuple[int, ...], count: int) -> tuple[Tensor, Tensor]:
     """Biased variance and mean over ``dims``, two-pass (as stable as ``torch.var_mean``). On CPU,
     ``var_mean`` over several dims is about 40x slower than a sum, and this is about 2x faster forward

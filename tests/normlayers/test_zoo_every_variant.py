@@ -35,9 +35,14 @@ SPECS = {
     "iebn": "iebn",
     "ic": "ic:drop=0.0",
     "proxy": "proxy",
+    "sn": "sn",
+    "rms": "rms",
+    "dbn": "dbn:group_size=4",
+    "iternorm": "iternorm:group_size=4",
+    "frozen": "frozen",
 }
 #: train-mode output unchanged when a constant is added to the input (they subtract a mean)
-SHIFT_INVARIANT = {"bn", "ghost", "gn", "ln", "in", "pn", "bgn", "cbn", "kn", "ic", "proxy"}
+SHIFT_INVARIANT = {"bn", "ghost", "gn", "ln", "in", "pn", "bgn", "cbn", "kn", "ic", "proxy", "sn", "dbn", "iternorm"}
 
 
 def test_every_registered_variant_is_listed():
@@ -126,6 +131,10 @@ ONE_VALUE = {
     "iebn": [("iebn", C, (1, C), False)],
     "ic": [("ic", C, (1, C, 1, 1), False)],
     "proxy": [("proxy:base=gn,groups=8", C, (4, C, 1, 1), True), ("proxy", 1, (4, 1, 1, 1), True)],
+    "sn": [("sn", C, (4, C, 1, 1), True)],
+    "rms": [("rms", 1, (4, 1), True), ("rms", 1, (4, 1, 1, 1), True)],
+    "dbn": [("dbn", C, (1, C), False), ("dbn", C, (1, C, 1, 1), False)],
+    "iternorm": [("iternorm", C, (1, C), False)],
 }
 #: variants with no statistic that a single value would make degenerate, and why
 NO_SINGLE_VALUE_STATISTIC = {
@@ -133,6 +142,7 @@ NO_SINGLE_VALUE_STATISTIC = {
     # FRN's nu^2 is a mean square, not a variance: on one value (the paper's fully connected case,
     # Sec. 3.1) it is x^2, and the learned eps is the paper's answer to what that does
     "frn": "mean square about zero, defined by the paper for one value",
+    "frozen": "fixed statistics, none computed from the input",
 }
 
 
