@@ -155,7 +155,7 @@ def test_one_collective_per_layer_call(results, variant):
 
 def test_every_batch_dependent_variant_is_covered():
     # the paper's batch-dependent families must all be registered and tested here
-    assert {"bn", "brn", "bgn", "evonorm_b0", "ghost"} <= set(VARIANTS)
+    assert {"bn", "brn", "bgn", "evonorm_b0", "ghost", "sn", "dbn", "iternorm"} <= set(VARIANTS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
