@@ -2,7 +2,9 @@
 
 What is synchronised
     Every :class:`~normlayers.NormLayer` whose ``batch_dependent`` is true (``bn``, ``brn``, ``bgn``,
-    ``evonorm_b0``, ``ghost`` and the batch-dependent advanced variants). :func:`convert_sync` sets
+    ``evonorm_b0``, ``ghost``, ``sn``, ``dbn``, ``iternorm`` and the batch-dependent advanced variants;
+    the whitening layers through :func:`normlayers.stats.batch_covariance`, the others through
+    :func:`normlayers.stats.batch_moments`). :func:`convert_sync` sets
     the layer's ``process_group``; the layer then takes its cross-batch statistics over the union
     of the group's batches. Per-sample statistics (EvoNorm-B0's instance std, IEBN's pooling, ...) and
     parameters are untouched; parameters are averaged by DDP as usual.
