@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.groupnorm import check_spatial
 from normlayers.registry import register
+from normlayers.stats import _var_mean as two_pass_var_mean  # CPU-fast two-pass (N, C) moments
 from normlayers.stats import (
     batch_moments,
     channel_shape,
@@ -91,7 +92,7 @@ class SwitchableNorm(NormLayer):
             bn_mean, bn_var = self.running_mean.to(dtype), self.running_var.to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(dtype)
-            in_var, in_mean = torch.var_mean(xc, dim=spatial, correction=0)  # (N, C)
+            in_var, in_mean = two_pass_var_mean(xc, spatial, x[0, 0].numel())  # (N, C)
             ln_mean = in_mean.mean(1, keepdim=True)
             ln_var = (in_var + (in_mean - ln_mean).square()).mean(1, keepdim=True)
             mean_w = torch.softmax(self.mean_weight.to(dtype), 0)
