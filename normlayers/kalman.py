@@ -87,7 +87,8 @@ def relu_gaussian_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
 
 def linear_transition(layer: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Moments of a Conv/Linear output for independent inputs with per-channel ``mean`` and ``var``."""
-    weight = layer.weight.float()
+    dtype = torch.promote_types(mean.dtype, layer.weight.dtype)  # float64 when either is
+    weight = layer.weight.to(dtype)
     out_channels = weight.shape[0]
     groups = getattr(layer, "groups", 1)
     weight = weight.reshape(out_channels, weight.shape[1], -1)
@@ -97,7 +98,7 @@ def linear_transition(layer: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tens
     out_mean = (weight.sum(-1) * group_mean).sum(1)
     out_var = (weight.square().sum(-1) * group_var).sum(1)
     if layer.bias is not None:
-        out_mean = out_mean + layer.bias.float()
+        out_mean = out_mean + layer.bias.to(dtype)
     return out_mean, out_var
 
 

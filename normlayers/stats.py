@@ -6,7 +6,10 @@ from the slice's own two-pass mean and variance) into a single tensor and all-re
 the statistics equal those of one process holding the whole global batch, whatever the per-rank
 batch sizes. The all-reduce is differentiable (the backward of a sum all-reduce is a sum all-reduce
 of the gradients). Statistics are computed with autocast off, in float32 for float32 and
-low-precision input and in float64 for float64 input (:func:`compute_dtype`).
+low-precision input and in float64 for float64 input (:func:`compute_dtype`). Synchronised, the
+variance is E[x^2] - E[x]^2 of float64 sums, which keeps float32 statistics exact but leaves float64
+ones a relative error of about 1e-16 * (mean / std)^2 (4e-8 at mean 1e4, std 0.5); locally, float64
+statistics are two-pass.
 """
 
 from __future__ import annotations

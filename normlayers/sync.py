@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlayers.base import NormLayer
-from normlayers.stats import reduce_sum, single_value_error
+from normlayers.stats import compute_dtype, reduce_sum, single_value_error
 
 
 def convert_sync(model: nn.Module, group=None) -> nn.Module:
@@ -95,8 +95,8 @@ def revert_sync(model: nn.Module) -> nn.Module:
 class GhostMoments:
     """Per-channel statistics of the ghost batches a ghost layer's local samples belong to.
 
-    ``mean``/``var`` (biased): float32 ``(num_ghost_batches, C)`` in ghost-batch order over the
-    global batch; ``count``: values per statistic of one ghost batch (a float32 scalar tensor);
+    ``mean``/``var`` (biased): ``(num_ghost_batches, C)`` in ghost-batch order over the global batch,
+    float32 (float64 for float64 input); ``count``: values per statistic of one ghost batch (a scalar);
     ``ghost_of_sample``: ``(local N,)`` index of each local sample's ghost batch.
     """
 
@@ -133,8 +133,9 @@ def ghost_moments(x: Tensor, virtual_batch: int, group=None, who: str = "ghost")
         )
     if virtual_batch * positions <= 1:
         raise single_value_error(who, x)
+    dtype = compute_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xf = x.float().reshape(local_n, channels, positions)
+        xf = x.to(dtype).reshape(local_n, channels, positions)
         # per-sample two-pass moments over the positions, combined per ghost batch in float64, so a
         # ghost batch split between ranks gets exactly the statistics of its samples together
         sample_var, sample_mean = torch.var_mean(xf, dim=2, unbiased=False)
@@ -151,8 +152,8 @@ def ghost_moments(x: Tensor, virtual_batch: int, group=None, who: str = "ghost")
         mean = sums / count
         var = (sq_sums / count - mean * mean).clamp_min(0.0)
     return GhostMoments(
-        mean=mean.float(),
-        var=var.float(),
-        count=torch.tensor(count, device=x.device),
+        mean=mean.to(dtype),
+        var=var.to(dtype),
+        count=torch.tensor(count, dtype=dtype, device=x.device),
         ghost_of_sample=ghost_of_sample,
     )

@@ -192,3 +192,42 @@ def test_bgn_loads_a_state_without_the_recorded_size():
     layer = build_norm("bgn:groups=16", C)
     layer.load_state_dict(old)
     assert int(layer.positions) == 0
+
+
+def test_bound_kalman_chain_in_float64_keeps_float64_through_the_transition():
+    """kn's prediction passes the previous layer's estimate through the bound conv (weights and bias):
+    at a bias of 1e4 the output must equal that of the same chain without the offset (every statistic
+    of the second layer moves with it), to float64 precision."""
+    from torch import nn
+
+    from normlayers import link_kalman_layers
+
+    def chain(offset):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), build_norm("kn", C), nn.ReLU(),
+                            nn.Conv2d(C, C, 3, padding=1), build_norm("kn", C)).double()
+        net[1].bind_preceding(net[0])
+        net[4].bind_preceding(net[3])
+        link_kalman_layers(net)
+        with torch.no_grad():
+            net[3].bias += offset
+        return net
+
+    x = sample((8, 3, 4, 4), offset=0.0)
+    with torch.no_grad():
+        shifted, plain = chain(OFFSET)(x), chain(0.0)(x)
+    assert shifted.dtype == torch.float64
+    torch.testing.assert_close(shifted, plain, rtol=0, atol=1e-9)
+
+
+def test_ghost_moments_of_float64_input_are_float64():
+    from normlayers.sync import ghost_moments
+
+    x = sample()
+    moments = ghost_moments(x, 2)
+    ghosts = (x - OFFSET).reshape(4, 2, C, -1).transpose(1, 2).reshape(4, C, -1)
+    assert moments.mean.dtype == moments.var.dtype == torch.float64
+    torch.testing.assert_close(moments.mean - OFFSET, ghosts.mean(2), rtol=0, atol=1e-10)
+    # the variance comes from float64 sums of squares (the form that sums over ranks in one all-reduce):
+    # rounding of 1e-16 * (mean / std)^2 = 4e-8 relative here, against 5e-4 for float32 statistics
+    torch.testing.assert_close(moments.var, ghosts.var(2, correction=0), rtol=2e-7, atol=0)
