@@ -1,6 +1,7 @@
 """Forward+backward time of every normalization variant, as a ratio to torch.nn.BatchNorm2d.
 
-Each variant runs in training mode on a (32, 64, 32, 32) float32 tensor; one timed call is a
+Every registered variant (sn, rms, dbn, iternorm and frozen included) runs in training mode on a
+(32, 64, 32, 32) float32 tensor; one timed call is a
 forward and a backward (input and parameter gradients). Layers are timed in rounds, each round
 timing torch's BatchNorm2d and then every variant once, after a warm-up; the ratio is the median
 over rounds of (variant time / BatchNorm2d time in the same round), which keeps the ratio honest
