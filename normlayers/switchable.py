@@ -16,8 +16,9 @@ and positions of channel c (BN):
 The LN moments are computed from the IN ones as the paper does, by the law of total variance
 (mean_c sigma2_in + mean_c (mu_in - mu_ln)^2, the same value without E[x^2] - E[x]^2 cancelling).
 lambda and lambda' (``mean_weight``, ``var_weight``, ordered in, ln, bn) start at one: equal
-importance, as in the paper. The BN moments come from :func:`normlayers.stats.batch_moments`
-(synchronised over a process group when one is set); their running mean and unbiased variance
+importance, as in the paper. The BN moments of the local batch are pooled from the IN ones the same
+way (no further pass over x); synchronised over a process group, they come from
+:func:`normlayers.stats.batch_moments` over the group's batches. Their running mean and unbiased variance
 follow torch's momentum convention and replace them in eval, as the paper's SN does (the IN and
 LN moments are per sample, so eval computes them from the input). IN needs spatial positions, so
 the layer takes NCHW (or NCL) input only.
@@ -83,18 +84,26 @@ class SwitchableNorm(NormLayer):
                                    "sn mixes in Instance Normalization, which needs feature maps larger than 1x1")
         dtype = compute_dtype(x)
         spatial = tuple(range(2, x.dim()))
-        if self.training:
-            bn_mean, bn_var, count = batch_moments(x, [0, *spatial], self.process_group, who="sn")
-            self.num_batches_tracked.add_(1)
-            update_running(self.running_mean, bn_mean.detach(), self.momentum, self.num_batches_tracked)
-            update_running(self.running_var, unbiased(bn_var.detach(), count), self.momentum, self.num_batches_tracked)
-        else:
-            bn_mean, bn_var = self.running_mean.to(dtype), self.running_var.to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(dtype)
             in_var, in_mean = two_pass_var_mean(xc, spatial, x[0, 0].numel())  # (N, C)
             ln_mean = in_mean.mean(1, keepdim=True)
             ln_var = (in_var + (in_mean - ln_mean).square()).mean(1, keepdim=True)
+            if self.training and not self.synchronised:
+                # the local batch's moments from the instance ones (law of total variance), as the
+                # paper computes them: no further pass over x
+                bn_mean = in_mean.mean(0)
+                bn_var = (in_var + (in_mean - bn_mean).square()).mean(0)
+                count = torch.tensor(float(x.numel() // x.shape[1]), dtype=dtype, device=x.device)
+            elif self.training:
+                bn_mean, bn_var, count = batch_moments(x, [0, *spatial], self.process_group, who="sn")
+            else:
+                bn_mean, bn_var = self.running_mean.to(dtype), self.running_var.to(dtype)
+            if self.training:
+                self.num_batches_tracked.add_(1)
+                update_running(self.running_mean, bn_mean.detach(), self.momentum, self.num_batches_tracked)
+                update_running(self.running_var, unbiased(bn_var.detach(), count), self.momentum,
+                               self.num_batches_tracked)
             mean_w = torch.softmax(self.mean_weight.to(dtype), 0)
             var_w = torch.softmax(self.var_weight.to(dtype), 0)
             mean = mean_w[0] * in_mean + mean_w[1] * ln_mean + mean_w[2] * bn_mean[None]
