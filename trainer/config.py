@@ -21,8 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 import normlayers
 from trainer.models import DEFAULT_WIDTH
 from trainer.models.norms import resolve_order
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from trainer.tracking import DEFAULT_TRACKING_URI
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
+from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
-from trainer.config import DEFAULT_TRACKING_URI, ConfigError, flatten, norm_spec_text, run_key, validated
+from trainer.config import ConfigError, flatten, norm_spec_text, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
 
@@ -42,34 +42,6 @@ class RunResult:
     status: str  # "finished" | "diverged"
     metrics: dict[str, float]
     run_dir: str
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    """``cfg.tracking.uri``, or env ``MLFLOW_TRACKING_URI`` while the config keeps the default.
-
-    A relative sqlite path is made absolute here: MLflow caches stores by URI, so a relative one
-    would keep pointing at the first working directory of the process.
-    """
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = env if env and cfg.tracking.uri == DEFAULT_TRACKING_URI else cfg.tracking.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the experiment; tolerate a concurrent run creating it first."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 def _previous_run_id(run_dir: Path, client: MlflowClient) -> str | None:
@@ -113,7 +85,8 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
     previous = None
     if trainer.is_global_zero:
         previous = _previous_run_id(run_dir, client)
-        _experiment_id(client, cfg.tracking.experiment)  # the first request: fails before anything is written
+        # The first request: fails before anything is written. MLFlowLogger creates the experiment if need be.
+        client.get_experiment_by_name(cfg.tracking.experiment)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # every rank gets the logger; its methods act on global rank 0 only
@@ -130,7 +103,7 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
             client.log_artifact(run_id, str(run_dir / "config.yaml"))
         else:
             client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "normlab.status", "running")
+            client.set_tag(run_id, tracking.STATUS_TAG, tracking.RUNNING)
             print(f"normlab train: resuming run {key} from {ckpt} into MLflow run {run_id}", file=sys.stderr)
 
     return logger
@@ -206,12 +179,12 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     global_batch = cfg.data.batch_size * world
     ckpt = run_dir / "checkpoints" / CHECKPOINT
-    uri = tracking_uri(cfg)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
     client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
     spec = norm_spec_text(cfg.model.norm)
-    tags = {**cfg.tracking.tags, "run_key": key, "norm": spec, "norm_name": spec.partition(":")[0],
-            "batch_size": str(cfg.data.batch_size), "global_batch_size": str(global_batch), "world_size": str(world),
-            "normlab.status": "running"}
+    tags = {**cfg.tracking.tags, tracking.RUN_KEY_TAG: key, tracking.NORM_TAG: spec,
+            tracking.NORM_NAME_TAG: spec.partition(":")[0], tracking.BATCH_SIZE_TAG: str(cfg.data.batch_size),
+            "global_batch_size": str(global_batch), "world_size": str(world), tracking.STATUS_TAG: tracking.RUNNING}
     try:
         logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch,
                                 datamodule.num_classes)
@@ -221,7 +194,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
 
-    status = "diverged" if guard.diverged else "finished"
+    status = tracking.DIVERGED if guard.diverged else tracking.FINISHED
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if not guard.diverged and t.limit_val_batches != 0 and last_validation.step != trainer.global_step:
         # training stopped away from a validation (max_steps inside an epoch): the final weights still get one
@@ -233,7 +206,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     result = RunResult(run_id=None, run_key=key, status=status, metrics=metrics, run_dir=str(run_dir))
     if trainer.is_global_zero:
         result.run_id = logger.run_id
-        client.set_tag(result.run_id, "normlab.status", status)
+        client.set_tag(result.run_id, tracking.STATUS_TAG, status)
         result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
