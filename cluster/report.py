@@ -106,13 +106,24 @@ def norm_label(norm: str, params: dict[str, str]) -> str:
     extras = []
     if params.get("trainer.sync_norm", "False").lower() == "true":
         extras.append("sync")
+    normalises = _norm_name(norm) != "none"
     init_scale = params.get("model.norm_init_scale", "1.0")
-    if float(init_scale) != 1.0 and norm != "none":
+    if float(init_scale) != 1.0 and normalises:
         extras.append(f"init scale={init_scale}")
     placement = params.get("model.norm_placement", "all")
-    if placement != "all" and norm != "none":
+    if placement != "all" and normalises:
         extras.append(f"placement={placement}")
     return f"{norm} ({', '.join(extras)})" if extras else norm
+
+
+def _norm_name(norm: str) -> str:
+    """The variant a logged spec names (its text when this normlab no longer knows it)."""
+    from normlayers import NormSpec  # lazily: `normlab report --help` need not import torch
+
+    try:
+        return NormSpec.parse(norm).name
+    except ValueError:
+        return norm
 
 
 def record_from_run(run) -> RunRecord | None:

@@ -234,15 +234,16 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.depth: {m.arch} needs at least 1 layer, got {m.depth}")
     if m.width is not None and m.width < 1:
         raise ConfigError(f"model.width: must be positive, got {m.width}")
-    spec = OmegaConf.to_container(m.norm) if isinstance(m.norm, DictConfig) else m.norm
     try:
-        normlayers.build_norm(spec, width_of(m))
+        spec = normlayers.NormSpec.parse(OmegaConf.to_container(m.norm) if isinstance(m.norm, DictConfig) else m.norm)
+        spec.check(width_of(m))
     except ValueError as e:
         raise ConfigError(f"model.norm: {e}") from None
     try:
         resolve_order(spec, m.norm_order)
     except ValueError as e:
         raise ConfigError(f"model.norm_order: {e}") from None
+    m.norm = str(spec)  # stored (and hashed into the run key, and logged) as its canonical text
     positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size,
                 "optim.base_batch_size": o.base_batch_size, "trainer.devices": t.devices,
                 "trainer.num_nodes": t.num_nodes, "trainer.check_val_every_n_epoch": t.check_val_every_n_epoch}
@@ -361,13 +362,10 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
 
 def norm_spec_text(spec: Any) -> str:
-    """A spec as one string: mappings become ``name:key=value,...``."""
+    """A spec as its canonical text (:class:`normlayers.NormSpec`): ``name:key=value,...``."""
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec)
-    if isinstance(spec, dict):
-        opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-        return f"{spec.get('name')}{':' + opts if opts else ''}"
-    return str(spec)
+    return str(normlayers.NormSpec.parse(spec))
 
 
 def help_text() -> str:

@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
+import normlayers
 from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
-from trainer.config import ConfigError, flatten, norm_spec_text, run_key, validated
+from trainer.config import ConfigError, flatten, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
 
@@ -181,9 +182,9 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     ckpt = run_dir / "checkpoints" / CHECKPOINT
     uri = tracking.resolve_uri(cfg.tracking.uri)
     client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
-    spec = norm_spec_text(cfg.model.norm)
-    tags = {**cfg.tracking.tags, tracking.RUN_KEY_TAG: key, tracking.NORM_TAG: spec,
-            tracking.NORM_NAME_TAG: spec.partition(":")[0], tracking.BATCH_SIZE_TAG: str(cfg.data.batch_size),
+    spec = normlayers.NormSpec.parse(cfg.model.norm)  # the config holds its canonical text
+    tags = {**cfg.tracking.tags, tracking.RUN_KEY_TAG: key, tracking.NORM_TAG: str(spec),
+            tracking.NORM_NAME_TAG: spec.name, tracking.BATCH_SIZE_TAG: str(cfg.data.batch_size),
             "global_batch_size": str(global_batch), "world_size": str(world), tracking.STATUS_TAG: tracking.RUNNING}
     try:
         logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch,
