@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
-from trainer.models import DEFAULT_WIDTH
-from trainer.models.norms import resolve_order
+from trainer.models import DEFAULT_WIDTH, depth_problem
+from trainer.models.norms import PLACEMENTS, resolve_order
 from trainer.tracking import DEFAULT_TRACKING_URI
 
 
@@ -147,7 +147,6 @@ class ExperimentConfig:
     output: OutputConfig = _opt(OutputConfig(), "")
 
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152)
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
@@ -155,7 +154,7 @@ CIFAR_FILES = {
 }
 CHOICES = {
     "model.arch": tuple(DEFAULT_WIDTH),
-    "model.norm_placement": ("all", "final", "none"),
+    "model.norm_placement": PLACEMENTS,
     "data.name": DATASETS,
     "optim.schedule": ("cosine", "step", "constant"),
     "optim.lr_scaling": ("none", "linear"),
@@ -226,12 +225,9 @@ def check_config(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    if m.arch.startswith("cifar_") and (m.depth < 8 or (m.depth - 2) % 6):
-        raise ConfigError(f"model.depth: {m.arch} needs depth 6n+2 (8, 14, 20, 32, 44, 56, 110 ...), got {m.depth}")
-    if m.arch == "resnet" and m.depth not in RESNET_DEPTHS:
-        raise ConfigError(f"model.depth: resnet needs one of {', '.join(map(str, RESNET_DEPTHS))}, got {m.depth}")
-    if m.arch in ("plain_cnn", "mlp") and m.depth < 1:
-        raise ConfigError(f"model.depth: {m.arch} needs at least 1 layer, got {m.depth}")
+    problem = depth_problem(m.arch, m.depth)
+    if problem:
+        raise ConfigError(f"model.depth: {m.arch} {problem}")
     if m.width is not None and m.width < 1:
         raise ConfigError(f"model.width: must be positive, got {m.width}")
     try:
