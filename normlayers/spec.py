@@ -92,7 +92,12 @@ def _parse_text(text: str) -> NormSpec:
 
 @functools.lru_cache(maxsize=1024)
 def _check_built(spec: NormSpec, num_features: int) -> None:
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            spec.build(num_features)
+    except ValueError:
+        raise
+    except Exception:  # a constructor that computes with tensor values, which the meta device has not
         spec.build(num_features)
 
 
