@@ -111,7 +111,7 @@ def main() -> None:
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = build_datamodule(cfg)
     datamodule.load()
-    template = NormClassifier(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
+    template = NormClassifier.from_config(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
     plain_dm = build_datamodule(cfg)  # the plain loop's copy of the same data, moved to its device once
     plain_dm.load()
     plain_dm.train_set, plain_dm.mean, plain_dm.std = (plain_dm.train_set.to(device), plain_dm.mean.to(device),

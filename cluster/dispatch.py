@@ -26,6 +26,7 @@ from submitit.core.utils import FailedJobError, JobPaths
 from cluster.jobs import PackedRun, PackedRuns
 from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
+from trainer.tracking import DONE_STATUSES
 
 RECORD = "jobs.json"
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
@@ -170,7 +171,7 @@ class Submission:
 def submit(sweep: Sweep, echo: Callable[[str], None] = print) -> Submission:
     """Submit every run that is neither done in MLflow nor held by a live job, packed and chunked."""
     states = run_states(sweep)
-    done = [s for s in states if s.category in ("finished", "diverged")]
+    done = [s for s in states if s.category in DONE_STATUSES]
     live = [s for s in states if s.category in ("running", "queued")]
     todo = [s.run for s in states if s.category in ("failed", "unsubmitted")]
     submission = Submission([], len(done), len(live))

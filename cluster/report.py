@@ -40,8 +40,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-REPORT_TAG = ("normlab.kind", "report")
+from trainer import tracking
+
+REPORT_TAG = (tracking.KIND_TAG, tracking.REPORT_KIND)
 PROBE_METRIC = re.compile(r"^probe/(act_std|grad_norm)/(\d{3})_(.+)$")
 FIGURE_FILES = {"batch": "batch_regimes.png", "lr": "lr_stability.png", "depth": "depth_stats.png",
                 "concentration": "grad_concentration.png", "fisher": "fisher_lr.png"}
@@ -105,26 +106,37 @@ def norm_label(norm: str, params: dict[str, str]) -> str:
     extras = []
     if params.get("trainer.sync_norm", "False").lower() == "true":
         extras.append("sync")
+    normalises = _norm_name(norm) != "none"
     init_scale = params.get("model.norm_init_scale", "1.0")
-    if float(init_scale) != 1.0 and norm != "none":
+    if float(init_scale) != 1.0 and normalises:
         extras.append(f"init scale={init_scale}")
     placement = params.get("model.norm_placement", "all")
-    if placement != "all" and norm != "none":
+    if placement != "all" and normalises:
         extras.append(f"placement={placement}")
     return f"{norm} ({', '.join(extras)})" if extras else norm
+
+
+def _norm_name(norm: str) -> str:
+    """The variant a logged spec names (its text when this normlab no longer knows it)."""
+    from normlayers import NormSpec  # lazily: `normlab report --help` need not import torch
+
+    try:
+        return NormSpec.parse(norm).name
+    except ValueError:
+        return norm
 
 
 def record_from_run(run) -> RunRecord | None:
     """A report record from an MLflow run, or None when the run lacks a grid coordinate."""
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     try:
-        norm = tags.get("norm") or params["model.norm"]
-        batch_size = int(tags.get("batch_size") or params["data.batch_size"])
+        norm = tags.get(tracking.NORM_TAG) or params["model.norm"]
+        batch_size = int(tags.get(tracking.BATCH_SIZE_TAG) or params["data.batch_size"])
         lr = float(params["optim.lr"])
         seed = int(params["seed"])
     except (KeyError, ValueError):
         return None
-    diverged = metrics.get("diverged", 0.0) >= 0.5 or tags.get("normlab.status") == "diverged"
+    diverged = metrics.get("diverged", 0.0) >= 0.5 or tags.get(tracking.STATUS_TAG) == tracking.DIVERGED
     diverged = diverged or _at_chance(metrics.get("val_acc"), params.get("derived.num_classes"))
     probes: dict[str, dict[int, float]] = {"act_std": {}, "grad_norm": {}}
     layer_names = {}
@@ -148,41 +160,25 @@ def record_from_run(run) -> RunRecord | None:
     )
 
 
-def _finished(run) -> bool:
-    """The trainer's own status tag when present (MLflow says FINISHED for diverged runs too)."""
-    status = run.data.tags.get("normlab.status")
-    if status is not None:
-        return status in ("finished", "diverged")
-    return run.info.status == "FINISHED"
-
-
 def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple[list[RunRecord], list[str]]:
     """The experiment's finished training runs and notes on what was left out.
 
     Report runs are skipped; with ``keys`` (a sweep's run keys) so are runs of other grids. A run
     key trained more than once (a run directory deleted and trained again) counts once: its newest run.
     """
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time DESC"],
-                                  page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
     records, seen_keys, unusable, unfinished, foreign = [], set(), 0, 0, 0
-    for run in runs:  # newest first
+    for run in tracking.iter_runs(client, experiment_id, newest_first=True):
         tags = run.data.tags
         if tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
             continue
-        key = tags.get("run_key")
+        key = tags.get(tracking.RUN_KEY_TAG)
         if keys is not None and key not in keys:
             foreign += 1
             continue
         record = record_from_run(run)
         if record is None:
             unusable += 1
-        elif not _finished(run) or (record.val_acc is None and not record.diverged):
+        elif not tracking.is_done(run) or (record.val_acc is None and not record.diverged):
             unfinished += 1  # its metrics are intermediate values, not final ones
         elif key is None:
             records.append(record)
@@ -716,16 +712,14 @@ def _resolve_target(target: str, tracking_uri: str | None) -> tuple[str, str, se
         return sweep.experiment, tracking_uri or sweep.tracking_uri, {run.key for run in sweep.runs}
     if path.suffix in (".yaml", ".yml") or os.sep in target:
         raise ReportError(f"no such sweep file: {target} (give a sweep YAML file or an MLflow experiment name)")
-    return target, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI, None
+    return target, tracking_uri or tracking.resolve_uri(absolute=False), None
 
 
 def _check_local_store(uri: str) -> None:
     """A SQLite URI must name an existing database: MLflow would otherwise create an empty one."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
-        if not db.is_file():
-            raise ReportError(f"no MLflow database at {db} (tracking URI {uri}); "
-                              "pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    if tracking.missing_sqlite(uri):
+        raise ReportError(f"no MLflow database at {tracking.sqlite_path(uri)} (tracking URI {uri}); "
+                          f"pass --tracking-uri or set {tracking.ENV_TRACKING_URI}")
 
 
 def log_report_run(client, experiment_id: str, files: list[Path], source: str) -> str:
@@ -750,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", metavar="SWEEP_FILE_OR_EXPERIMENT",
                         help="a sweep YAML file (its experiment and tracking URI are used) or an experiment name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else "
-                        f"$MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+                        f"${tracking.ENV_TRACKING_URI}, else {tracking.DEFAULT_TRACKING_URI})")
     parser.add_argument("--out", type=Path, help="output directory (default: reports/<experiment>)")
     parser.add_argument("--no-log", action="store_true", help="write the files only; log no report run to MLflow")
     args = parser.parse_args(argv)

@@ -36,10 +36,10 @@ from omegaconf.errors import OmegaConfBaseException
 import normlayers
 import trainer.config
 from trainer.config import ConfigError, check_config, load_config, norm_spec_text, run_key
+from trainer.tracking import resolve_uri
 
 TOP_LEVEL_KEYS = ("name", "experiment", "base", "overrides", "grid", "zip", "seeds", "executor")
 EXECUTOR_KINDS = ("slurm", "local", "debug")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class SweepError(ValueError):
@@ -210,14 +210,6 @@ def _expand(raw: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return runs
 
 
-def _absolute_sqlite(uri: str) -> str:
-    """Jobs may start in another directory: a relative SQLite path is pinned to this one."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
 def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     """Read, expand and validate a sweep file. Raises ``SweepError`` (one line) on any problem."""
     path = Path(path)
@@ -261,10 +253,7 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         probe = load_config(base, common_overrides)
     except ConfigError as error:
         raise SweepError(f"{where}: base experiment and overrides: {error}") from None
-    uri = str(probe.tracking.uri)
-    if uri == DEFAULT_TRACKING_URI and os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = os.environ["MLFLOW_TRACKING_URI"]
-    uri = _absolute_sqlite(uri)
+    uri = resolve_uri(str(probe.tracking.uri))  # pinned for the jobs, which may start in another directory
     output_root = Path(str(probe.output.root)).resolve()
     pinned = [
         _as_override("tracking.uri", uri),

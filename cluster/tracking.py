@@ -1,14 +1,15 @@
-"""What MLflow knows about a sweep's runs: MLflow is the source of truth for which run keys are done."""
+"""What MLflow knows about a sweep's runs: MLflow is the source of truth for which run keys are done.
+
+The names and the rule of done are the tracking contract's (:mod:`trainer.tracking`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-DONE_STATUSES = ("finished", "diverged")
+from trainer import tracking
 
 
 @dataclass
@@ -17,10 +18,13 @@ class TrackedRun:
     key: str
     status: str  # normlab.status tag: running | finished | diverged (or "" if never set)
     mlflow_status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    done: bool  # trainer.tracking.is_done
 
-    @property
-    def done(self) -> bool:
-        return self.status in DONE_STATUSES and self.mlflow_status == "FINISHED"
+    @classmethod
+    def of(cls, run) -> TrackedRun:
+        tags = run.data.tags
+        return cls(run.info.run_id, tags[tracking.RUN_KEY_TAG], tags.get(tracking.STATUS_TAG, ""), run.info.status,
+                   tracking.is_done(run))
 
 
 def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = None) -> dict[str, TrackedRun]:
@@ -29,41 +33,22 @@ def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = No
     With `keys`, only those keys are asked for (one query per key: cheap for the few runs of a job);
     without, the whole experiment is read page by page (one pass for plan/submit/status).
     """
-    if _missing_sqlite(tracking_uri):
+    if tracking.missing_sqlite(tracking_uri):
         return {}  # nothing ever logged there; do not create an empty database just to look
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return {}
-    filters = [f"tags.run_key = '{key}'" for key in keys] if keys is not None else [""]
+    filters = [f"tags.{tracking.RUN_KEY_TAG} = '{key}'" for key in keys] if keys is not None else [""]
     result: dict[str, TrackedRun] = {}
     for filter_string in filters:
-        token = None
-        while True:
-            page = client.search_runs(
-                [found.experiment_id],
-                filter_string=filter_string,
-                run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=5000,
-                order_by=["attributes.start_time ASC"],
-                page_token=token,
-            )
-            for run in page:
-                key = run.data.tags.get("run_key")
-                if not key:
-                    continue
-                tracked = TrackedRun(run.info.run_id, key, run.data.tags.get("normlab.status", ""), run.info.status)
-                if key not in result or not result[key].done:
-                    result[key] = tracked
-            token = page.token
-            if not token:
-                break
+        for run in tracking.iter_runs(client, found.experiment_id, filter_string):
+            if not run.data.tags.get(tracking.RUN_KEY_TAG):
+                continue
+            tracked = TrackedRun.of(run)
+            if tracked.key not in result or not result[tracked.key].done:
+                result[tracked.key] = tracked
     return result
-
-
-def _missing_sqlite(uri: str) -> bool:
-    prefix = "sqlite:///"
-    return uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists()
 
 
 def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None) -> set[str]:
@@ -73,6 +58,4 @@ def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None)
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> None:
     """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment)
+    tracking.ensure_experiment(MlflowClient(tracking_uri=tracking_uri), experiment)

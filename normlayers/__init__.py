@@ -1,7 +1,8 @@
 """normlayers: normalization layers for studying Batch Normalization and its alternatives.
 
 Pure PyTorch. ``build_norm(spec, num_features)`` builds any registered variant from a spec
-(``"bn"``, ``"gn:groups=8"``, ``{"name": "bgn", "groups": 8}``); ``available()`` lists them.
+(``"bn"``, ``"gn:groups=8"``, ``{"name": "bgn", "groups": 8}``); ``NormSpec.parse(spec)`` parses
+and checks one without building it; ``available()`` lists them.
 """
 
 from normlayers import batchgroup as _batchgroup  # noqa: F401
@@ -25,12 +26,14 @@ from normlayers.base import NormLayer
 from normlayers.frozen import freeze_norms, unfreeze_norms
 from normlayers.kalman import link_kalman_layers
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
+from normlayers.spec import NormSpec
 from normlayers.stats import batch_covariance, batch_moments
 from normlayers.sync import convert_sync, revert_sync
 
 __all__ = [
     "NormInfo",
     "NormLayer",
+    "NormSpec",
     "available",
     "batch_covariance",
     "batch_moments",

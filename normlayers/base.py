@@ -47,11 +47,15 @@ class NormLayer(nn.Module):
 
     ``needs_preceding_weight``: does it need the weight of the layer before it (Cross-Iteration
     BN)? Model builders call :meth:`bind_preceding` with that layer.
+
+    ``before_weight_layer``: does it belong after the activation, right before the next weight
+    layer (the IC layer)? Models place it there under ``model.norm_order=auto``.
     """
 
     batch_dependent: ClassVar[bool] = False
     includes_activation: ClassVar[bool] = False
     needs_preceding_weight: ClassVar[bool] = False
+    before_weight_layer: ClassVar[bool] = False
     #: the spec name this class is registered under; set by the registry.
     norm_name: ClassVar[str] = ""
 
@@ -68,6 +72,13 @@ class NormLayer(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def init_scale_(self, value: float) -> None:
+        """Set the learned per-channel scale (``weight``) to ``value`` (initial-scale studies, e.g. Bjorck
+        et al. 2018); a layer without a learned scale has nothing to set."""
+        if isinstance(getattr(self, "weight", None), nn.Parameter):
+            with torch.no_grad():
+                self.weight.fill_(value)
 
     def init_running_stats(self, size: int, spread: str = "running_var") -> None:
         """Buffers ``running_mean`` (zeros), ``spread`` (ones: ``running_var`` or ``running_std``) and

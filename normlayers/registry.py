@@ -31,6 +31,7 @@ class NormInfo:
     options: dict[str, Any]
     batch_dependent: bool
     includes_activation: bool
+    before_weight_layer: bool = False
 
     def __str__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "no options"
@@ -64,18 +65,22 @@ def _options(cls: type[NormLayer]) -> dict[str, inspect.Parameter]:
     }
 
 
+def info_of(name: str) -> NormInfo:
+    """The registered variant ``name``: its description, options (with defaults) and placement needs."""
+    cls = _REGISTRY[name]
+    return NormInfo(
+        name=name,
+        description=_DESCRIPTIONS[name],
+        options={k: p.default for k, p in _options(cls).items()},
+        batch_dependent=cls.batch_dependent,
+        includes_activation=cls.includes_activation,
+        before_weight_layer=cls.before_weight_layer,
+    )
+
+
 def available() -> dict[str, NormInfo]:
     """Every registered variant by name, with its description and options (and their defaults)."""
-    return {
-        name: NormInfo(
-            name=name,
-            description=_DESCRIPTIONS[name],
-            options={k: p.default for k, p in _options(cls).items()},
-            batch_dependent=cls.batch_dependent,
-            includes_activation=cls.includes_activation,
-        )
-        for name, cls in sorted(_REGISTRY.items())
-    }
+    return {name: info_of(name) for name in sorted(_REGISTRY)}
 
 
 def norm_class(spec: str | Mapping[str, Any]) -> type[NormLayer]:
@@ -168,24 +173,8 @@ def _check_type(name: str, key: str, value: Any, annotation: Any) -> Any:
     raise ValueError(f"norm {name!r}: option {key!r} must be {wanted}, got {value!r}")
 
 
-def build_norm(spec: str | Mapping[str, Any], num_features: int, **extra: Any) -> nn.Module:
-    """Build the normalization layer ``spec`` names for ``num_features`` channels.
+def build_norm(spec: Any, num_features: int) -> nn.Module:
+    """Build the normalization layer ``spec`` names for ``num_features`` channels (see :class:`normlayers.NormSpec`)."""
+    from normlayers.spec import NormSpec  # spec.py builds on this module
 
-    ``extra`` options are merged under the spec's own (the spec wins), which lets a model builder
-    pass defaults such as ``weight_init`` without overriding what the user wrote.
-    """
-    name, options = parse_spec(spec)
-    cls = _REGISTRY[name]
-    accepted = _options(cls)
-    merged = {k: v for k, v in extra.items() if k in accepted}
-    merged.update(options)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        valid = ", ".join(accepted) or "none"
-        raise ValueError(f"norm {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    hints = typing.get_type_hints(cls.__init__)
-    for key, value in merged.items():
-        merged[key] = _check_type(name, key, value, hints.get(key))
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-        raise ValueError(f"norm {name!r}: num_features must be a positive int, got {num_features!r}")
-    return cls(num_features, **merged)
+    return NormSpec.parse(spec).build(num_features)

@@ -7,6 +7,7 @@ command resumes an interrupted run from its checkpoint, into the same MLflow run
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 USAGE = "usage: normlab train [EXPERIMENT.yaml] [key=value ...]"
@@ -22,22 +23,36 @@ def _one_line(error: Exception) -> str:
     return last.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
 
 
+def _parser(keys_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normlab train", usage=USAGE.removeprefix("usage: "), description=HELP,
+                                     epilog=f"keys (key=default  meaning):\n{keys_help}", add_help=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help, every key with its default")
+    parser.add_argument("words", nargs="*", metavar="EXPERIMENT.yaml | key=value",
+                        help="an optional experiment file, then OmegaConf dot-list overrides")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from trainer.config import ConfigError, help_text, load_config
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\n{HELP}\n\nkeys (key=default  meaning):\n{help_text()}")
+    parser = _parser(help_text())
+    args, unexpected = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
         return 0
     experiment, overrides = None, []
-    for arg in argv:
+    for arg in args.words:
         if "=" in arg:
             overrides.append(arg)
-        elif experiment is None and not arg.startswith("-"):
+        elif experiment is None:
             experiment = arg
         else:
-            print(f"normlab train: unexpected argument {arg!r}; {USAGE}", file=sys.stderr)
-            return 2
+            unexpected.append(arg)
+    if unexpected:
+        print(f"normlab train: unexpected argument {unexpected[0]!r}; {USAGE}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(experiment, overrides)
         from trainer.run import describe, train

@@ -19,10 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
-from trainer.models import DEFAULT_WIDTH
-from trainer.models.norms import resolve_order
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from trainer.models import DEFAULT_WIDTH, depth_problem
+from trainer.models.norms import PLACEMENTS, resolve_order
+from trainer.tracking import DEFAULT_TRACKING_URI
 
 
 class ConfigError(ValueError):
@@ -148,7 +147,6 @@ class ExperimentConfig:
     output: OutputConfig = _opt(OutputConfig(), "")
 
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152)
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
@@ -156,7 +154,7 @@ CIFAR_FILES = {
 }
 CHOICES = {
     "model.arch": tuple(DEFAULT_WIDTH),
-    "model.norm_placement": ("all", "final", "none"),
+    "model.norm_placement": PLACEMENTS,
     "data.name": DATASETS,
     "optim.schedule": ("cosine", "step", "constant"),
     "optim.lr_scaling": ("none", "linear"),
@@ -227,23 +225,21 @@ def check_config(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    if m.arch.startswith("cifar_") and (m.depth < 8 or (m.depth - 2) % 6):
-        raise ConfigError(f"model.depth: {m.arch} needs depth 6n+2 (8, 14, 20, 32, 44, 56, 110 ...), got {m.depth}")
-    if m.arch == "resnet" and m.depth not in RESNET_DEPTHS:
-        raise ConfigError(f"model.depth: resnet needs one of {', '.join(map(str, RESNET_DEPTHS))}, got {m.depth}")
-    if m.arch in ("plain_cnn", "mlp") and m.depth < 1:
-        raise ConfigError(f"model.depth: {m.arch} needs at least 1 layer, got {m.depth}")
+    problem = depth_problem(m.arch, m.depth)
+    if problem:
+        raise ConfigError(f"model.depth: {m.arch} {problem}")
     if m.width is not None and m.width < 1:
         raise ConfigError(f"model.width: must be positive, got {m.width}")
-    spec = OmegaConf.to_container(m.norm) if isinstance(m.norm, DictConfig) else m.norm
     try:
-        normlayers.build_norm(spec, width_of(m))
+        spec = normlayers.NormSpec.parse(OmegaConf.to_container(m.norm) if isinstance(m.norm, DictConfig) else m.norm)
+        spec.check(width_of(m))
     except ValueError as e:
         raise ConfigError(f"model.norm: {e}") from None
     try:
         resolve_order(spec, m.norm_order)
     except ValueError as e:
         raise ConfigError(f"model.norm_order: {e}") from None
+    m.norm = str(spec)  # stored (and hashed into the run key, and logged) as its canonical text
     positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size,
                 "optim.base_batch_size": o.base_batch_size, "trainer.devices": t.devices,
                 "trainer.num_nodes": t.num_nodes, "trainer.check_val_every_n_epoch": t.check_val_every_n_epoch}
@@ -362,13 +358,10 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
 
 def norm_spec_text(spec: Any) -> str:
-    """A spec as one string: mappings become ``name:key=value,...``."""
+    """A spec as its canonical text (:class:`normlayers.NormSpec`): ``name:key=value,...``."""
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec)
-    if isinstance(spec, dict):
-        opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-        return f"{spec.get('name')}{':' + opts if opts else ''}"
-    return str(spec)
+    return str(normlayers.NormSpec.parse(spec))
 
 
 def help_text() -> str:

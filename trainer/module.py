@@ -1,14 +1,14 @@
 """``NormClassifier``: the LightningModule of every normlab run.
 
-Use it in your own code::
+Use it in your own code, with your own model, like any LightningModule::
 
-    from trainer import NormClassifier, load_config
+    from trainer import NormClassifier
 
-    cfg = load_config(None, ["model.norm=gn:groups=4", "data.batch_size=8"])
-    module = NormClassifier(cfg, num_classes=10, in_channels=1, image_size=8)
-    pl.Trainer(max_epochs=3).fit(module, datamodule=...)
+    module = NormClassifier(my_model, num_classes=10, optim={"lr": 0.05, "schedule": "constant"})
+    pl.Trainer(max_epochs=3).fit(module, train_dataloaders=..., val_dataloaders=...)
 
-It builds ``cfg.model`` (see :mod:`trainer.models`), trains it with cross-entropy and SGD
+or from a normlab config (``NormClassifier.from_config(cfg, num_classes, in_channels, image_size)``,
+which builds ``cfg.model``, see :mod:`trainer.models`). It trains with cross-entropy and SGD
 (momentum or Nesterov; weight decay on conv/linear weights only, never on norm parameters or
 biases; linear warm-up; cosine, step or constant schedule; the lr optionally scaled linearly in
 the global batch), and logs ``train_loss``, ``train_acc`` (epoch means), ``val_loss``, ``val_acc``,
@@ -19,7 +19,9 @@ callback (``configure_callbacks``), so the probe comes with the module wherever 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -31,6 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from normlayers import NormLayer
+from trainer.config import OptimConfig
 from trainer.models import build_model
 from trainer.probes import FisherProbe
 
@@ -66,34 +69,64 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class NormClassifier(pl.LightningModule):
-    """An image classifier whose normalization layers come from one spec.
+def optim_settings(optim: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Optimiser settings: the ``optim`` section's keys (:class:`~trainer.config.OptimConfig`), defaults filled in."""
+    settings = dataclasses.asdict(OptimConfig())
+    unknown = sorted(set(optim or {}) - set(settings))
+    if unknown:
+        raise ValueError(f"optim: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(settings)}")
+    settings.update(optim or {})
+    return settings
 
-    ``config``: a full experiment config (``trainer.load_config``) or its plain-dict form;
-    ``num_classes``, ``in_channels``, ``image_size``: the data's shape.
+
+class NormClassifier(pl.LightningModule):
+    """An image classifier trained with cross-entropy and SGD.
+
+    ``model``: the network, or a function of no arguments that builds it; ``num_classes``: its
+    outputs; ``optim``: optimiser settings (the keys of the ``optim`` config section, defaults for
+    the rest); ``batch_size``: the per-device batch, for ``optim.lr_scaling=linear`` (default
+    ``optim.base_batch_size``: no scaling); ``channels_last``: NHWC memory format; ``fisher``:
+    ``{"every_n_steps", "iterations", "batch"}`` of the Fisher probe, or None; ``seed``: the probe's.
     """
 
-    def __init__(self, config: DictConfig | dict, num_classes: int, in_channels: int, image_size: int):
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], num_classes: int,
+                 optim: Mapping[str, Any] | None = None, batch_size: int | None = None, channels_last: bool = False,
+                 fisher: Mapping[str, int] | None = None, seed: int = 0):
         super().__init__()
-        if isinstance(config, DictConfig):
-            config = OmegaConf.to_container(config, resolve=True)
-        self.save_hyperparameters(logger=False)  # MLflow params are the flattened config, logged by the runner
-        self.config = config
-        self.model = build_model(config["model"], num_classes, in_channels, image_size)
-        self.channels_last = bool(config["trainer"]["channels_last"])
+        self.save_hyperparameters(ignore=["model"], logger=False)  # MLflow params are logged by the runner
+        self.optim = optim_settings(optim)
+        self.batch_size = batch_size or self.optim["base_batch_size"]
+        self.fisher = dict(fisher) if fisher else None
+        self.seed = seed
+        self.model = model if isinstance(model, nn.Module) else model()
+        self.channels_last = channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
 
+    @classmethod
+    def from_config(cls, config: DictConfig | dict, num_classes: int, in_channels: int,
+                    image_size: int) -> NormClassifier:
+        """The module a normlab experiment config describes, for data of that shape."""
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+        probes = config["probes"]
+        fisher = None
+        if probes.get("fisher_every_n_steps", 0):
+            fisher = {"every_n_steps": probes["fisher_every_n_steps"], "iterations": probes["fisher_iterations"],
+                      "batch": probes["fisher_batch"]}
+        return cls(build_model(config["model"], num_classes, in_channels, image_size), num_classes,
+                   optim=config["optim"], batch_size=config["data"]["batch_size"],
+                   channels_last=bool(config["trainer"]["channels_last"]), fisher=fisher, seed=config["seed"])
+
     def configure_callbacks(self) -> list[pl.Callback]:
-        probes, optim = self.config["probes"], self.config["optim"]
-        every = probes.get("fisher_every_n_steps", 0)
-        if not every:
+        if not self.fisher:
             return []
-        return [FisherProbe(every, probes["fisher_iterations"], probes["fisher_batch"], optim["momentum"],
-                            optim["nesterov"], self.config["seed"])]
+        f, optim = self.fisher, self.optim
+        return [FisherProbe(f["every_n_steps"], f["iterations"], f["batch"], optim["momentum"], optim["nesterov"],
+                            self.seed)]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
@@ -145,10 +178,10 @@ class NormClassifier(pl.LightningModule):
             self.log("val_acc_top5", self.val_acc_top5, on_epoch=True, batch_size=n)
 
     def global_batch_size(self) -> int:
-        return self.config["data"]["batch_size"] * self.trainer.world_size
+        return self.batch_size * self.trainer.world_size
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.config["optim"]
+        optim = self.optim
         lr = effective_lr(optim, self.global_batch_size())
         groups = parameter_groups(self.model, optim["weight_decay"])
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"])

@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
+import normlayers
+from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
-from trainer.config import DEFAULT_TRACKING_URI, ConfigError, flatten, norm_spec_text, run_key, validated
+from trainer.config import ConfigError, flatten, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
 
@@ -42,34 +44,6 @@ class RunResult:
     status: str  # "finished" | "diverged"
     metrics: dict[str, float]
     run_dir: str
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    """``cfg.tracking.uri``, or env ``MLFLOW_TRACKING_URI`` while the config keeps the default.
-
-    A relative sqlite path is made absolute here: MLflow caches stores by URI, so a relative one
-    would keep pointing at the first working directory of the process.
-    """
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = env if env and cfg.tracking.uri == DEFAULT_TRACKING_URI else cfg.tracking.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the experiment; tolerate a concurrent run creating it first."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 def _previous_run_id(run_dir: Path, client: MlflowClient) -> str | None:
@@ -106,34 +80,160 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 
 
-def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: MlflowClient, run_dir: Path, tags: dict,
-                   key: str, ckpt: Path, global_batch: int, num_classes: int) -> MLFlowLogger:
-    """The run's MLflow logger; on global rank 0 also the run directory and the MLflow run (new or resumed)."""
-    world = trainer.world_size
-    previous = None
-    if trainer.is_global_zero:
-        previous = _previous_run_id(run_dir, client)
-        _experiment_id(client, cfg.tracking.experiment)  # the first request: fails before anything is written
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    # every rank gets the logger; its methods act on global rank 0 only
-    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_name=cfg.tracking.run_name,
-                          tags=tags, run_id=previous, log_model=cfg.tracking.log_checkpoints)
-    if trainer.is_global_zero:
-        run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
-        if previous is None:
-            (run_dir / "mlflow_run_id").write_text(run_id + "\n")
-            params = {**flatten(cfg), "derived.global_batch_size": global_batch,
-                      "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world,
-                      "derived.num_classes": num_classes}
-            logger.log_hyperparams(params)
-            client.log_artifact(run_id, str(run_dir / "config.yaml"))
-        else:
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "normlab.status", "running")
-            print(f"normlab train: resuming run {key} from {ckpt} into MLflow run {run_id}", file=sys.stderr)
+@dataclass
+class _Prepared:
+    """What the steps of one run share: its config, identity, data, module and own callbacks."""
 
-    return logger
+    cfg: DictConfig
+    key: str
+    run_dir: Path
+    datamodule: Any
+    module: NormClassifier
+    guard: DivergenceGuard
+    last_validation: LastValidation
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / CHECKPOINT
+
+    @property
+    def result_file(self) -> Path:
+        return self.run_dir / "result.json"
+
+
+def _recorded(cfg: DictConfig) -> RunResult | None:
+    """The result of a run that is already over, or None."""
+    key = run_key(cfg)
+    run_dir = Path(cfg.output.root) / key
+    result_file = run_dir / "result.json"
+    if not result_file.is_file():
+        return None
+    recorded = RunResult(**json.loads(result_file.read_text()))
+    print(f"normlab train: run {key} is already {recorded.status} (MLflow run {recorded.run_id}); "
+          f"delete {run_dir} to train it again", file=sys.stderr)
+    return recorded
+
+
+def _prepare(cfg: DictConfig) -> _Prepared:
+    """Seed, data and module; a norm that does not fit the model is a config error."""
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    datamodule = build_datamodule(cfg)
+    datamodule.load()
+    try:
+        module = NormClassifier.from_config(cfg, datamodule.num_classes, datamodule.in_channels,
+                                            datamodule.image_size)
+    except ValueError as e:
+        raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
+    key = run_key(cfg)
+    return _Prepared(cfg, key, Path(cfg.output.root) / key, datamodule, module,
+                     DivergenceGuard(cfg.probes.divergence_factor), LastValidation())
+
+
+def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool) -> pl.Trainer:
+    """The Lightning Trainer of the run: its checkpoint (``last.ckpt`` at every epoch end), callbacks and plugins."""
+    cfg, t = run.cfg, run.cfg.trainer
+    # One file, last.ckpt, rewritten at every epoch end; fit's ckpt_path="last" finds it. (save_last=True would
+    # write every checkpoint twice here: this Lightning saves "last" only beside a top-k checkpoint.)
+    checkpoint = ModelCheckpoint(dirpath=run.checkpoint.parent, filename=run.checkpoint.stem, save_top_k=1,
+                                 every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    all_callbacks: list[Callback] = [checkpoint, run.guard, run.last_validation, EpochSeeding(cfg.seed),
+                                     LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
+                                                cfg.probes.gradients)]
+    if not interactive:
+        all_callbacks.append(EpochLines())
+    all_callbacks += callbacks
+    plugins = slurm_plugins()
+    if t.sync_norm:
+        from trainer.norm_sync import NormSyncPlugin
+
+        plugins.append(NormSyncPlugin())
+    return pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, deterministic=t.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch, limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val, num_sanity_val_steps=0, logger=False, callbacks=all_callbacks,
+        plugins=plugins or None, enable_progress_bar=interactive, enable_model_summary=interactive,
+        default_root_dir=str(run.run_dir),
+    )
+
+
+def _check_fits(run: _Prepared, trainer: pl.Trainer) -> None:
+    """The batch size against the world size, and one forward of a real batch (see :func:`_preflight`)."""
+    world = trainer.world_size
+    run.datamodule.check_batch_size(world)
+    first = next(iter(run.datamodule.train_batches(lambda: 0, rank=0, world_size=world)))[0]
+    _preflight(run.module, first)
+    if run.cfg.trainer.compile:
+        run.module.model.compile()
+
+
+def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, MlflowClient]:
+    """The run's MLflow logger; on global rank 0 also the run directory and the MLflow run (new or resumed)."""
+    cfg, run_dir = run.cfg, run.run_dir
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    world = trainer.world_size
+    global_batch = cfg.data.batch_size * world
+    spec = normlayers.NormSpec.parse(cfg.model.norm)  # the config holds its canonical text
+    tags = {**cfg.tracking.tags, tracking.RUN_KEY_TAG: run.key, tracking.NORM_TAG: str(spec),
+            tracking.NORM_NAME_TAG: spec.name, tracking.BATCH_SIZE_TAG: str(cfg.data.batch_size),
+            "global_batch_size": str(global_batch), "world_size": str(world), tracking.STATUS_TAG: tracking.RUNNING}
+    try:
+        client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
+        previous = None
+        if trainer.is_global_zero:
+            previous = _previous_run_id(run_dir, client)
+            # The first request: fails before anything is written. MLFlowLogger creates the experiment if need be.
+            client.get_experiment_by_name(cfg.tracking.experiment)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # every rank gets the logger; its methods act on global rank 0 only
+        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
+                              run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
+                              log_model=cfg.tracking.log_checkpoints)
+        if trainer.is_global_zero:
+            run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
+            if previous is None:
+                (run_dir / "mlflow_run_id").write_text(run_id + "\n")
+                params = {**flatten(cfg), "derived.global_batch_size": global_batch,
+                          "derived.effective_lr": effective_lr(cfg.optim, global_batch), "derived.world_size": world,
+                          "derived.num_classes": run.datamodule.num_classes}
+                logger.log_hyperparams(params)
+                client.log_artifact(run_id, str(run_dir / "config.yaml"))
+            else:
+                client.update_run(run_id, status="RUNNING")
+                client.set_tag(run_id, tracking.STATUS_TAG, tracking.RUNNING)
+                print(f"normlab train: resuming run {run.key} from {run.checkpoint} into MLflow run {run_id}",
+                      file=sys.stderr)
+    except MlflowException as e:
+        raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {str(e).splitlines()[0][:300]}") from None
+    return logger, client
+
+
+def _fit(run: _Prepared, trainer: pl.Trainer) -> None:
+    """Lightning's fit, resumed from ``last.ckpt`` when the run has one."""
+    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path="last" if run.checkpoint.is_file() else None)
+
+
+def _finish(run: _Prepared, trainer: pl.Trainer, logger: MLFlowLogger, client: MlflowClient) -> RunResult:
+    """Final metrics (one more validation if training stopped away from one), the status tag, ``result.json``."""
+    guard = run.guard
+    status = tracking.DIVERGED if guard.diverged else tracking.FINISHED
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    validated_last = run.last_validation.step == trainer.global_step
+    if not guard.diverged and run.cfg.trainer.limit_val_batches != 0 and not validated_last:
+        # training stopped away from a validation (max_steps inside an epoch): the final weights still get one
+        (final,) = trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in final.items()})
+    metrics["diverged"] = float(guard.diverged)
+    if guard.diverged:
+        metrics["diverged_step"] = float(guard.diverged_step)
+    result = RunResult(run_id=None, run_key=run.key, status=status, metrics=metrics, run_dir=str(run.run_dir))
+    if trainer.is_global_zero:
+        result.run_id = logger.run_id
+        client.set_tag(result.run_id, tracking.STATUS_TAG, status)
+        run.result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
 
 
 def slurm_plugins() -> list:
@@ -151,91 +251,19 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     that does not fit the model or batch) before creating any MLflow run or file.
     """
     cfg = validated(cfg)
-    key = run_key(cfg)
-    run_dir = Path(cfg.output.root) / key
-    result_file = run_dir / "result.json"
-    if result_file.is_file():
-        recorded = RunResult(**json.loads(result_file.read_text()))
-        print(f"normlab train: run {key} is already {recorded.status} (MLflow run {recorded.run_id}); "
-              f"delete {run_dir} to train it again", file=sys.stderr)
+    recorded = _recorded(cfg)
+    if recorded is not None:
         return recorded
-
     interactive = sys.stderr.isatty()  # where Lightning draws its progress bar
     if not interactive:
         quiet_lightning()
-    pl.seed_everything(cfg.seed, workers=False, verbose=False)
-    datamodule = build_datamodule(cfg)
-    datamodule.load()
-    try:
-        module = NormClassifier(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
-    except ValueError as e:
-        raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
-
-    guard = DivergenceGuard(cfg.probes.divergence_factor)
-    last_validation = LastValidation()
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=Path(CHECKPOINT).stem, save_top_k=1,
-                                 every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    all_callbacks: list[Callback] = [checkpoint, guard, last_validation, EpochSeeding(cfg.seed),
-                                     LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
-                                                cfg.probes.gradients)]
-    if not interactive:
-        all_callbacks.append(EpochLines())
-    all_callbacks += callbacks or []
-    plugins = slurm_plugins()
-    if cfg.trainer.sync_norm:
-        from trainer.norm_sync import NormSyncPlugin
-
-        plugins.append(NormSyncPlugin())
-
-    t = cfg.trainer
-    trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=t.precision, deterministic=t.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
-        check_val_every_n_epoch=t.check_val_every_n_epoch, limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val, num_sanity_val_steps=0, logger=False, callbacks=all_callbacks,
-        plugins=plugins or None, enable_progress_bar=interactive, enable_model_summary=interactive,
-        default_root_dir=str(run_dir),
-    )
-    world = trainer.world_size
-    datamodule.check_batch_size(world)
-    first = next(iter(datamodule.train_batches(lambda: 0, rank=0, world_size=world)))[0]
-    _preflight(module, first)
-    if t.compile:
-        module.model.compile()
-
-    global_batch = cfg.data.batch_size * world
-    ckpt = run_dir / "checkpoints" / CHECKPOINT
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
-    spec = norm_spec_text(cfg.model.norm)
-    tags = {**cfg.tracking.tags, "run_key": key, "norm": spec, "norm_name": spec.partition(":")[0],
-            "batch_size": str(cfg.data.batch_size), "global_batch_size": str(global_batch), "world_size": str(world),
-            "normlab.status": "running"}
-    try:
-        logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch,
-                                datamodule.num_classes)
-    except MlflowException as e:
-        raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {str(e).splitlines()[0][:300]}") from None
+    run = _prepare(cfg)
+    trainer = _build_trainer(run, callbacks or [], interactive)
+    _check_fits(run, trainer)
+    logger, client = _open_tracking(run, trainer)
     trainer.logger = logger
-
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
-
-    status = "diverged" if guard.diverged else "finished"
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    if not guard.diverged and t.limit_val_batches != 0 and last_validation.step != trainer.global_step:
-        # training stopped away from a validation (max_steps inside an epoch): the final weights still get one
-        (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in final.items()})
-    metrics["diverged"] = float(guard.diverged)
-    if guard.diverged:
-        metrics["diverged_step"] = float(guard.diverged_step)
-    result = RunResult(run_id=None, run_key=key, status=status, metrics=metrics, run_dir=str(run_dir))
-    if trainer.is_global_zero:
-        result.run_id = logger.run_id
-        client.set_tag(result.run_id, "normlab.status", status)
-        result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
+    _fit(run, trainer)
+    return _finish(run, trainer, logger, client)
 
 
 def describe(result: RunResult) -> str:

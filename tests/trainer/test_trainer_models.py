@@ -126,7 +126,7 @@ def test_lr_schedule_warmup_cosine_and_step():
 
 def test_norm_classifier_is_importable_and_trains_one_step():
     cfg = load_config(None, ["model.norm=gn:groups=4", "model.depth=8"])
-    module = NormClassifier(cfg, num_classes=10, in_channels=1, image_size=8)
+    module = NormClassifier.from_config(cfg, num_classes=10, in_channels=1, image_size=8)
     assert "Lightning" in type(module).__mro__[1].__name__ and NormClassifier.__doc__
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = nn.functional.cross_entropy(module(x), y)
@@ -136,9 +136,10 @@ def test_norm_classifier_is_importable_and_trains_one_step():
 
 
 def test_channels_last_gives_the_same_logits():
-    plain = NormClassifier(load_config(None, ["model.depth=8"]), num_classes=10, in_channels=3, image_size=16).eval()
-    fast = NormClassifier(load_config(None, ["model.depth=8", "trainer.channels_last=true"]), num_classes=10,
-                          in_channels=3, image_size=16).eval()
+    plain = NormClassifier.from_config(load_config(None, ["model.depth=8"]), num_classes=10, in_channels=3,
+                                       image_size=16).eval()
+    fast = NormClassifier.from_config(load_config(None, ["model.depth=8", "trainer.channels_last=true"]),
+                                      num_classes=10, in_channels=3, image_size=16).eval()
     fast.model.load_state_dict(plain.model.state_dict())
     assert fast.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 16, 16)

@@ -140,7 +140,7 @@ def test_the_final_weights_are_validated_once(stop, validations, final_step, tmp
     datamodule = build_datamodule(cfg)
     datamodule.load()
     datamodule.setup("validate")
-    module = NormClassifier(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
+    module = NormClassifier.from_config(cfg, datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
     checkpoint = torch.load(tmp_path / run_key(cfg) / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == final_step
     module.load_state_dict(checkpoint["state_dict"])

@@ -83,11 +83,19 @@ class PreActBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images; ``preact=True`` gives the pre-activation variant."""
 
+    @staticmethod
+    def depth_problem(depth: int) -> str | None:
+        """Why ``depth`` is not a depth of this net, or None (the config's check and the constructor's)."""
+        if depth < 8 or (depth - 2) % 6:
+            return f"needs depth 6n+2 (8, 14, 20, 32, 44, 56, 110 ...), got {depth}"
+        return None
+
     def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites,
                  preact: bool = False):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        problem = self.depth_problem(depth)
+        if problem:
+            raise ValueError(f"CIFAR ResNet {problem}")
         n = (depth - 2) // 6
         self.preact = preact
         self.act_first = norms.act_first

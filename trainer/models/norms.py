@@ -31,15 +31,16 @@ import normlayers
 
 PLACEMENTS = ("all", "final", "none")
 ORDERS = ("auto", "norm_act", "act_norm")
+IDENTITY = normlayers.NormSpec("none")
 
 
 def resolve_order(spec: Any, order: str = "auto") -> str:
     """``norm_act`` or ``act_norm`` for ``spec`` under ``model.norm_order``; ValueError (one line) if it cannot be."""
     if order not in ORDERS:
         raise ValueError(f"must be one of {', '.join(ORDERS)}, got {order!r}")
-    cls = normlayers.norm_class(spec)
+    cls = normlayers.NormSpec.parse(spec).cls
     if order == "auto":
-        return "act_norm" if getattr(cls, "before_weight_layer", False) else "norm_act"
+        return "act_norm" if cls.before_weight_layer else "norm_act"
     if order == "act_norm" and (cls.includes_activation or cls.needs_preceding_weight):
         why = "includes its activation" if cls.includes_activation else "models the weight layer right before it"
         raise ValueError(f"act_norm puts the norm after the ReLU, but {cls.norm_name} {why}; "
@@ -53,11 +54,11 @@ class NormSites:
     def __init__(self, spec: Any, placement: str = "all", init_scale: float = 1.0, order: str = "auto"):
         if placement not in PLACEMENTS:
             raise ValueError(f"norm placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-        self.spec = spec
+        self.spec = normlayers.NormSpec.parse(spec)  # parsed once for every site
         self.placement = placement
         self.init_scale = init_scale
         try:
-            self.order = resolve_order(spec, order)
+            self.order = resolve_order(self.spec, order)
         except ValueError as e:
             raise ValueError(f"model.norm_order: {e}") from None
 
@@ -67,13 +68,12 @@ class NormSites:
         return self.order == "act_norm"
 
     def _build(self, channels: int, preceding: nn.Module | None, enabled: bool) -> nn.Module:
-        layer = normlayers.build_norm(self.spec if enabled else "none", channels)
+        layer = (self.spec if enabled else IDENTITY).build(channels)
         if enabled:
             if preceding is not None:
                 layer.bind_preceding(preceding)
-            weight = getattr(layer, "weight", None)
-            if self.init_scale != 1.0 and isinstance(weight, nn.Parameter):
-                nn.init.constant_(weight, self.init_scale)
+            if self.init_scale != 1.0:
+                layer.init_scale_(self.init_scale)
         return layer
 
     def inner(self, channels: int, preceding: nn.Module | None) -> nn.Module:

@@ -22,11 +22,18 @@ def _layer(weight: nn.Module, features: int, norms: NormSites) -> list[nn.Module
     return [weight, act, norm] if norms.act_first else [weight, norm, act]
 
 
+def at_least_one_layer(depth: int) -> str | None:
+    """The depth rule of both plain nets: at least one layer."""
+    return None if depth >= 1 else f"needs at least 1 layer, got {depth}"
+
+
 class PlainCNN(nn.Module):
+    depth_problem = staticmethod(at_least_one_layer)
+
     def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"plain CNN depth must be >= 1, got {depth}")
+        if self.depth_problem(depth):
+            raise ValueError(f"plain CNN {self.depth_problem(depth)}")
         downsample_at = {depth // 3, 2 * depth // 3} - {0}
         layers: list[nn.Module] = []
         cin = in_channels
@@ -49,10 +56,12 @@ class PlainCNN(nn.Module):
 
 
 class MLP(nn.Module):
+    depth_problem = staticmethod(at_least_one_layer)
+
     def __init__(self, depth: int, num_classes: int, in_features: int, width: int, norms: NormSites):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"MLP depth must be >= 1, got {depth}")
+        if self.depth_problem(depth):
+            raise ValueError(f"MLP {self.depth_problem(depth)}")
         layers: list[nn.Module] = [nn.Flatten()]
         cin = in_features
         linear = None

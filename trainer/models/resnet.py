@@ -82,10 +82,16 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
+    @staticmethod
+    def depth_problem(depth: int) -> str | None:
+        """Why ``depth`` is not one of the published depths (``LAYOUT``), or None."""
+        return None if depth in LAYOUT else f"needs one of {', '.join(map(str, LAYOUT))}, got {depth}"
+
     def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites):
         super().__init__()
-        if depth not in LAYOUT:
-            raise ValueError(f"ResNet depth must be one of {', '.join(map(str, LAYOUT))}, got {depth}")
+        problem = self.depth_problem(depth)
+        if problem:
+            raise ValueError(f"ResNet {problem}")
         kind, counts = LAYOUT[depth]
         block = Basic if kind == "basic" else Bottleneck
         self.stem = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)

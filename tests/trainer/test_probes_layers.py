@@ -46,7 +46,7 @@ def test_probe_at_initialisation_equals_a_direct_computation(norm, tmp_path):
     torch.manual_seed(0)
     cfg = load_config(None, ["model.arch=mlp", "model.depth=3", "model.width=16", f"model.norm={norm}",
                              "optim.warmup_epochs=0", "trainer.accelerator=cpu"])
-    module = NormClassifier(cfg, num_classes=10, in_channels=1, image_size=8)
+    module = NormClassifier.from_config(cfg, num_classes=10, in_channels=1, image_size=8)
     initial = copy.deepcopy(module.model).train()
     x, y = torch.randn(64, 1, 8, 8) * 3.0, torch.randint(0, 10, (64,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)

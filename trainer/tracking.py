@@ -1,0 +1,109 @@
+"""The tracking contract: where runs are logged, the names normlab writes on them, and when a run is done.
+
+Everything that reads or writes normlab's MLflow runs (the trainer, ``normlab sweep``, ``normlab
+report``) takes these names and rules from here, so that a sweep's status and the report can never
+disagree about the same run.
+
+- The URI: ``tracking.uri`` of the config, except that ``$MLFLOW_TRACKING_URI`` wins while the
+  config keeps the default; a relative SQLite path is pinned to an absolute one (MLflow caches
+  stores by URI, and Slurm jobs start in other directories).
+- The tags of a training run: ``run_key`` (its identity across resumes and resubmissions),
+  ``normlab.status`` (``running`` while it trains, ``finished`` or ``diverged`` once over), the norm
+  spec and the per-device batch size. The report's own run is tagged ``normlab.kind=report`` and
+  has no ``run_key``.
+- Done: ``normlab.status`` says finished or diverged **and** MLflow says FINISHED. MLflow alone is
+  not enough (Lightning's logger ends the MLflow run before the trainer writes its status, and a
+  diverged run is FINISHED too); the tag alone is not either (a resumed run is RUNNING again before
+  its tag is reset). A done run key is never trained again.
+
+MLflow is imported inside the functions that talk to it: planning a sweep does not pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+
+RUN_KEY_TAG = "run_key"
+STATUS_TAG = "normlab.status"
+NORM_TAG = "norm"
+NORM_NAME_TAG = "norm_name"
+BATCH_SIZE_TAG = "batch_size"
+KIND_TAG, REPORT_KIND = "normlab.kind", "report"
+
+RUNNING, FINISHED, DIVERGED = "running", "finished", "diverged"
+DONE_STATUSES = (FINISHED, DIVERGED)
+MLFLOW_FINISHED = "FINISHED"
+
+_SQLITE = "sqlite:///"
+PAGE_SIZE = 5000
+
+
+def resolve_uri(configured: str = DEFAULT_TRACKING_URI, absolute: bool = True) -> str:
+    """The tracking URI to use: ``configured``, or ``$MLFLOW_TRACKING_URI`` while ``configured`` is the
+    default; a relative SQLite path made absolute against the current directory (unless not ``absolute``:
+    a command that only reads, here, keeps the path as the user sees it)."""
+    env = os.environ.get(ENV_TRACKING_URI)
+    uri = env if env and configured == DEFAULT_TRACKING_URI else configured
+    if absolute and uri.startswith(_SQLITE) and not uri[len(_SQLITE):].startswith("/"):
+        uri = _SQLITE + str(Path(uri[len(_SQLITE):]).resolve())
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite URI (``sqlite:///rel.db`` relative, ``sqlite:////abs.db`` absolute), else None."""
+    return Path(uri[len(_SQLITE):]) if uri.startswith(_SQLITE) else None
+
+
+def missing_sqlite(uri: str) -> bool:
+    """A SQLite URI whose database does not exist: opening a client on it would create an empty one."""
+    path = sqlite_path(uri)
+    return path is not None and not path.exists()
+
+
+def is_done_status(status: str | None, mlflow_status: str) -> bool:
+    """Done from the two statuses: the ``normlab.status`` tag and MLflow's run status (see the module docstring)."""
+    return status in DONE_STATUSES and mlflow_status == MLFLOW_FINISHED
+
+
+def is_done(run: Any) -> bool:
+    """Whether an MLflow run is over for good (finished or diverged): the one definition of done."""
+    return is_done_status(run.data.tags.get(STATUS_TAG), run.info.status)
+
+
+def iter_runs(client: Any, experiment_id: str, filter_string: str = "", newest_first: bool = False) -> Iterator[Any]:
+    """The experiment's active runs, page by page, in start-time order (oldest first unless ``newest_first``)."""
+    from mlflow.entities import ViewType
+
+    order = "DESC" if newest_first else "ASC"
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                                  max_results=PAGE_SIZE, order_by=[f"attributes.start_time {order}"],
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """Get or create the experiment; tolerate a concurrent process creating it first.
+
+    Only for a sweep about to start many jobs at once; a single run leaves creation to Lightning's
+    ``MLFlowLogger``."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
