@@ -17,13 +17,26 @@ from normlayers import kalman as _kalman  # noqa: F401
 from normlayers import positional as _positional  # noqa: F401
 from normlayers import proxy as _proxy  # noqa: F401
 from normlayers import renorm as _renorm  # noqa: F401
+from normlayers.agc import adaptive_clip_grad_, unitwise_norm
 from normlayers.base import NormLayer
+from normlayers.binary import BinaryConv2d, RPReLU, RSign, approx_sign, binarize_weight
 from normlayers.kalman import link_kalman_layers
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
 from normlayers.stats import batch_moments
 from normlayers.sync import convert_sync, revert_sync
+from normlayers.weight_std import GAMMA_RELU, standardize_weights, trainable_weight
 
 __all__ = [
+    "GAMMA_RELU",
+    "BinaryConv2d",
+    "RPReLU",
+    "RSign",
+    "adaptive_clip_grad_",
+    "approx_sign",
+    "binarize_weight",
+    "standardize_weights",
+    "trainable_weight",
+    "unitwise_norm",
     "NormInfo",
     "NormLayer",
     "available",
