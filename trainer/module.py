@@ -30,8 +30,10 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlayers import NormLayer
-from trainer.models import build_model
+from normlayers import NormLayer, adaptive_clip_grad_
+from trainer.checkpoints import init_from
+from trainer.distill import Teacher, distribution_loss
+from trainer.models import build_model, classifier
 from trainer.probes import FisherProbe
 
 
@@ -51,6 +53,8 @@ def lr_factor(step: int, total: int, warmup: int, optim: Any) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     if optim["schedule"] == "step":
         return optim["step_gamma"] ** sum(progress >= m for m in optim["step_milestones"])
+    if optim["schedule"] == "linear":
+        return max(0.0, 1.0 - progress)
     return 1.0
 
 
@@ -80,6 +84,10 @@ class NormClassifier(pl.LightningModule):
         self.save_hyperparameters(logger=False)  # MLflow params are the flattened config, logged by the runner
         self.config = config
         self.model = build_model(config["model"], num_classes, in_channels, image_size)
+        model_cfg, root = config["model"], config["output"]["root"]
+        if model_cfg.get("init_from"):
+            init_from(self.model, model_cfg["init_from"], root)
+        self.teacher = Teacher(model_cfg["teacher"], root) if model_cfg.get("teacher") else None
         self.channels_last = bool(config["trainer"]["channels_last"])
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -108,6 +116,10 @@ class NormClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        objective = loss
+        if self.teacher is not None:
+            objective = distribution_loss(logits, self.teacher(x))
+            self.log("train_kd_loss", objective.detach(), on_step=False, on_epoch=True, sync_dist=True)
         # Epoch means are accumulated here and logged once per epoch: a self.log call per step
         # costs Lightning about a millisecond of bookkeeping, 10% of a small step.
         self._loss_sum += loss.detach() * len(y)
@@ -116,7 +128,7 @@ class NormClassifier(pl.LightningModule):
         step = self.trainer.global_step
         if self.logger is not None and step % self.trainer.log_every_n_steps == 0:
             self.logger.log_metrics({"lr": self.optimizers().param_groups[0]["lr"]}, step=step)
-        return loss
+        return objective
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx + 1 == self.trainer.num_training_batches:
@@ -151,7 +163,10 @@ class NormClassifier(pl.LightningModule):
         optim = self.config["optim"]
         lr = effective_lr(optim, self.global_batch_size())
         groups = parameter_groups(self.model, optim["weight_decay"])
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"])
+        if optim.get("optimizer", "sgd") == "adam":
+            optimizer = torch.optim.Adam(groups, lr=lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"])
         total = int(self.trainer.estimated_stepping_batches)
         # known once the line above set up the data; not set up (infinite) when max_steps alone bounds training
         batches = self.trainer.num_training_batches
@@ -159,3 +174,14 @@ class NormClassifier(pl.LightningModule):
         warmup = round(optim["warmup_epochs"] * per_epoch)
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning knows norm and value only: agc is done here, with trainer.gradient_clip_val as lambda
+        t = self.config["trainer"]
+        algorithm = t.get("gradient_clip_algorithm", "norm")
+        if algorithm == "agc":
+            head = {id(p) for p in classifier(self.model).parameters()}
+            adaptive_clip_grad_([p for p in self.model.parameters() if id(p) not in head], t["gradient_clip_val"])
+        elif gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, algorithm)
