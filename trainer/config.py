@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
 from normlayers.weight_std import KINDS as WEIGHT_STD_KINDS
-from trainer.checkpoints import resolve_checkpoint
+from trainer.checkpoints import check_checkpoint
 from trainer.models import DEFAULT_WIDTH
 from trainer.models.norms import resolve_order
 from trainer.models.reactnet import BINARY_MODES
@@ -321,11 +321,14 @@ def check_binary_recipe(cfg: DictConfig) -> None:
         raise ConfigError("trainer.gradient_clip_val: agc needs lambda > 0 (e.g. 0.04), got "
                           f"{t.gradient_clip_val}")
     for key in ("teacher", "init_from"):
-        if m[key] is not None:
-            try:
-                resolve_checkpoint(m[key], cfg.output.root)
-            except ValueError as e:
-                raise ConfigError(f"model.{key}: {e}") from None
+        try:
+            spec = m[key]
+            if spec is not None:
+                check_checkpoint(spec, cfg, key)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_one_line(e)) from None
+        except ValueError as e:
+            raise ConfigError(f"model.{key}: {e}") from None
 
 
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:

@@ -11,6 +11,8 @@ the student). The student trains on this loss alone, as in ReActNet and "BNN - B
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,9 +30,9 @@ def distribution_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 class Teacher:
     """A frozen network held outside the student's modules: not in its state dict, optimiser or probes."""
 
-    def __init__(self, spec: str, output_root: str):
+    def __init__(self, spec: str, config: Any):
         self.spec = spec
-        self.model: nn.Module = load_model(spec, output_root).requires_grad_(False)
+        self.model: nn.Module = load_model(spec, config, "teacher").requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:

@@ -84,10 +84,10 @@ class NormClassifier(pl.LightningModule):
         self.save_hyperparameters(logger=False)  # MLflow params are the flattened config, logged by the runner
         self.config = config
         self.model = build_model(config["model"], num_classes, in_channels, image_size)
-        model_cfg, root = config["model"], config["output"]["root"]
+        model_cfg = config["model"]
         if model_cfg.get("init_from"):
-            init_from(self.model, model_cfg["init_from"], root)
-        self.teacher = Teacher(model_cfg["teacher"], root) if model_cfg.get("teacher") else None
+            init_from(self.model, model_cfg["init_from"], config)
+        self.teacher = Teacher(model_cfg["teacher"], config) if model_cfg.get("teacher") else None
         self.channels_last = bool(config["trainer"]["channels_last"])
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
