@@ -13,6 +13,10 @@ It builds ``cfg.model`` (see :mod:`trainer.models`), trains it with cross-entrop
 biases; linear warm-up; cosine, step or constant schedule; the lr optionally scaled linearly in
 the global batch), and logs ``train_loss``, ``train_acc`` (epoch means), ``val_loss``, ``val_acc``,
 ``val_acc_top5`` (more than 5 classes) and ``lr`` (every ``trainer.log_every_n_steps`` steps).
+``optim.optimizer=adam`` swaps SGD for Adam; ``model.teacher`` trains on ReActNet's distributional loss
+against a trained run (:mod:`trainer.distill`, logged as ``train_kd_loss``), ``model.init_from`` starts
+from another run's weights (:mod:`trainer.checkpoints`), and ``trainer.gradient_clip_algorithm=agc``
+clips adaptively in :meth:`NormClassifier.configure_gradient_clipping` (:mod:`normlayers.agc`).
 With ``probes.fisher_every_n_steps > 0`` it brings its own :class:`~trainer.probes.FisherProbe`
 callback (``configure_callbacks``), so the probe comes with the module wherever it is trained.
 """

@@ -17,7 +17,6 @@ from trainer.cli import main
 from trainer.models import build_model, classifier
 from trainer.models.reactnet import NF_ALPHA, ReActBlock
 
-MEASURED_BN_FREE = MEASURED_BN = MEASURED_NONE = 0.0
 BN_FREE = ["model.arch=reactnet", "model.binary=weights_and_activations", "model.norm=none",
            "model.weight_std=scaled_ws", "trainer.gradient_clip_algorithm=agc", "trainer.gradient_clip_val=0.04"]
 
@@ -167,20 +166,21 @@ def test_a_file_that_is_not_a_run_checkpoint_is_refused(tmp_path):
 
 
 # Binary (weights and activations) ReActNet-18, width 16, trained from scratch on digits with cross-entropy:
-# Adam 2e-3 decayed linearly over 8 epochs (176 steps). Measured val_acc (seed 0): see the thresholds' comments.
+# Adam 2e-3 decayed linearly over 8 epochs (176 steps). Measured val_acc, seed 0 (deterministic on CPU):
+# BN-free 0.911, BN 0.783, no norm and no recipe 0.813; asserted with about 10 points of margin. Without BN and
+# without the recipe the binary net still trains at this scale (digits, 16 blocks): it does not collapse.
 DIGITS = ["model.width=16", "trainer.accelerator=cpu", "trainer.max_epochs=8", "probes.every_n_steps=0",
           "optim.optimizer=adam", "optim.lr=0.002", "optim.schedule=linear", "optim.warmup_epochs=0",
           "optim.weight_decay=0"]
 
 
 @pytest.mark.parametrize("variant, overrides, at_least", [
-    ("bn_free", BN_FREE, MEASURED_BN_FREE),
-    ("bn", [*BN_FREE[:2], "model.norm=bn"], MEASURED_BN),
-    ("none", [*BN_FREE[:3]], MEASURED_NONE),
+    ("bn_free", BN_FREE, 0.80),
+    ("bn", [*BN_FREE[:2], "model.norm=bn"], 0.68),
+    ("none", [*BN_FREE[:3]], 0.70),
 ])
 def test_binary_reactnet_trains_on_digits(variant, overrides, at_least, tmp_path, capsys):
     argv = [*overrides, *DIGITS, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"output.root={tmp_path}"]
     assert main(argv) == 0, capsys.readouterr().err
     result = json.loads((tmp_path / run_key(load_config(None, argv)) / "result.json").read_text())
-    print(variant, result["metrics"]["val_acc"])
     assert result["status"] == "finished" and result["metrics"]["val_acc"] >= at_least, result["metrics"]
