@@ -22,15 +22,28 @@ from normlayers import renorm as _renorm  # noqa: F401
 from normlayers import rms as _rms  # noqa: F401
 from normlayers import switchable as _switchable  # noqa: F401
 from normlayers import whitening as _whitening  # noqa: F401
+from normlayers.agc import adaptive_clip_grad_, unitwise_norm
 from normlayers.base import NormLayer
+from normlayers.binary import BinaryConv2d, RPReLU, RSign, approx_sign, binarize_weight
 from normlayers.frozen import freeze_norms, unfreeze_norms
 from normlayers.kalman import link_kalman_layers
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
 from normlayers.spec import NormSpec
 from normlayers.stats import batch_covariance, batch_moments
 from normlayers.sync import convert_sync, revert_sync
+from normlayers.weight_std import GAMMA_RELU, standardize_weights, trainable_weight
 
 __all__ = [
+    "GAMMA_RELU",
+    "BinaryConv2d",
+    "RPReLU",
+    "RSign",
+    "adaptive_clip_grad_",
+    "approx_sign",
+    "binarize_weight",
+    "standardize_weights",
+    "trainable_weight",
+    "unitwise_norm",
     "NormInfo",
     "NormLayer",
     "NormSpec",

@@ -29,6 +29,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from normlayers import trainable_weight
 from trainer.data import derive_seed
 from trainer.models import probed_layers
 from trainer.probes import logit_gradient_concentration
@@ -83,8 +84,9 @@ class LayerProbe(Callback):
         if self._step is None or not self.gradients:
             return
         for name, layer in probed_layers(pl_module.model):
-            if layer.weight.grad is not None:
-                self._stats[f"probe/grad_norm/{name}"] = torch.linalg.vector_norm(layer.weight.grad.detach().float())
+            weight = trainable_weight(layer)  # the raw weight under weight standardisation
+            if weight.grad is not None:
+                self._stats[f"probe/grad_norm/{name}"] = torch.linalg.vector_norm(weight.grad.detach().float())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

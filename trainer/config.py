@@ -19,8 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
+from normlayers.weight_std import KINDS as WEIGHT_STD_KINDS
+from trainer.checkpoints import check_checkpoint
 from trainer.models import DEFAULT_WIDTH, depth_problem
 from trainer.models.norms import PLACEMENTS, resolve_order
+from trainer.models.reactnet import BINARY_MODES
 from trainer.tracking import DEFAULT_TRACKING_URI
 
 
@@ -38,15 +41,24 @@ def _opt(default: Any, help_: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("cifar_resnet", "cifar_resnet | cifar_preact_resnet | resnet | plain_cnn | mlp")
+    arch: str = _opt("cifar_resnet", "cifar_resnet | cifar_preact_resnet | resnet | plain_cnn | mlp | reactnet")
     depth: int = _opt(20, "cifar_*: 6n+2 (20, 32, 44, 56, 110); resnet: 18, 34, 50, 101, 152; "
-                          "plain_cnn: conv layers; mlp: hidden layers")
+                          "plain_cnn: conv layers; mlp: hidden layers; reactnet: unused (always 18)")
     width: int | None = _opt(None, "base width; null = the arch's own (cifar 16, resnet 64, plain_cnn 32, mlp 256)")
     norm: Any = _opt("bn", "normalization spec for every norm site: 'bn', 'gn:groups=8' or {name: gn, groups: 8}")
     norm_placement: str = _opt("all", "all | final (only before the classifier, Bjorck et al. 2018) | none")
     norm_init_scale: float = _opt(1.0, "initial scale (gamma) of every norm layer that has one")
     norm_order: str = _opt("auto", "auto | norm_act (weight-norm-ReLU) | act_norm (weight-ReLU-norm, before the next "
                                    "weight layer, as the IC layer needs); auto: act_norm for ic, else norm_act")
+    weight_std: str = _opt("none", "none | ws (Qiao et al. 2019) | scaled_ws (Brock et al. 2021, learnable gain; "
+                                   "on reactnet also the NF residual scaling) on every conv and linear weight but "
+                                   "the classifier's")
+    binary: str = _opt("none", "reactnet: none | activations | weights_and_activations (its 3x3 convs; stem, "
+                               "shortcuts and classifier stay real-valued)")
+    teacher: str | None = _opt(None, "distil from this normlab run key (under output.root) or checkpoint path with "
+                                     "ReActNet's distributional loss (null: cross-entropy)")
+    init_from: str | None = _opt(None, "start from the model weights of this run key or checkpoint path (the "
+                                       "two-step binary recipe's second step)")
 
 
 @dataclass
@@ -77,11 +89,12 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = _opt(0.1, "SGD learning rate (at base_batch_size when lr_scaling=linear)")
+    optimizer: str = _opt("sgd", "sgd | adam (betas 0.9, 0.999; momentum and nesterov unused)")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(False, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay; never applied to norm parameters or biases")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs")
-    schedule: str = _opt("cosine", "cosine | step | constant (after warm-up)")
+    schedule: str = _opt("cosine", "cosine | step | constant | linear (decay to 0) (after warm-up)")
     step_milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr drops")
     step_gamma: float = _opt(0.1, "step schedule: factor at each milestone")
     lr_scaling: str = _opt("none", "none | linear (lr * global_batch / base_batch_size, Goyal et al. 2017)")
@@ -105,7 +118,10 @@ class TrainerConfig:
     limit_train_batches: float | int = _opt(1.0, "fraction (float) or number (int) of training batches per epoch")
     limit_val_batches: float | int = _opt(1.0, "fraction (float) or number (int) of validation batches")
     log_every_n_steps: int = _opt(10, "how often step metrics (lr) are logged")
-    gradient_clip_val: float | None = _opt(None, "clip gradients to this global norm (null: no clipping)")
+    gradient_clip_val: float | None = _opt(None, "clip gradients to this global norm (null: no clipping); "
+                                                 "lambda under gradient_clip_algorithm=agc")
+    gradient_clip_algorithm: str = _opt("norm", "norm | value (Lightning's) | agc (adaptive, unit-wise, Brock et al. "
+                                                "2021; never the classifier)")
 
 
 @dataclass
@@ -156,7 +172,11 @@ CHOICES = {
     "model.arch": tuple(DEFAULT_WIDTH),
     "model.norm_placement": PLACEMENTS,
     "data.name": DATASETS,
-    "optim.schedule": ("cosine", "step", "constant"),
+    "optim.schedule": ("cosine", "step", "constant", "linear"),
+    "optim.optimizer": ("sgd", "adam"),
+    "model.weight_std": WEIGHT_STD_KINDS,
+    "model.binary": BINARY_MODES,
+    "trainer.gradient_clip_algorithm": ("norm", "value", "agc"),
     "optim.lr_scaling": ("none", "linear"),
     "trainer.precision": ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
 }
@@ -280,11 +300,31 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.step_milestones: fractions of training in (0, 1), got {list(o.step_milestones)}")
     if t.max_epochs < 1 and t.max_steps < 1:
         raise ConfigError("trainer.max_epochs: give max_epochs >= 1 or max_steps >= 1")
+    check_binary_recipe(cfg)
     if cfg.probes.every_n_steps < 0 or cfg.probes.divergence_factor < 0:
         raise ConfigError("probes.every_n_steps and probes.divergence_factor must be >= 0")
     if cfg.probes.fisher_every_n_steps < 0 or cfg.probes.fisher_iterations < 1 or cfg.probes.fisher_batch < 1:
         raise ConfigError("probes.fisher_every_n_steps must be >= 0, probes.fisher_iterations and "
                           "probes.fisher_batch >= 1")
+
+
+def check_binary_recipe(cfg: DictConfig) -> None:
+    """Binary nets, adaptive clipping and the checkpoints a run starts from or distils from."""
+    m, t = cfg.model, cfg.trainer
+    if m.binary != "none" and m.arch != "reactnet":
+        raise ConfigError(f"model.binary: only model.arch=reactnet has binary layers, got arch {m.arch}")
+    if t.gradient_clip_algorithm == "agc" and not (t.gradient_clip_val or 0) > 0:
+        raise ConfigError("trainer.gradient_clip_val: agc needs lambda > 0 (e.g. 0.04), got "
+                          f"{t.gradient_clip_val}")
+    for key in ("teacher", "init_from"):
+        try:
+            spec = m[key]
+            if spec is not None:
+                check_checkpoint(spec, cfg, key)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_one_line(e)) from None
+        except ValueError as e:
+            raise ConfigError(f"model.{key}: {e}") from None
 
 
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:

@@ -13,6 +13,10 @@ which builds ``cfg.model``, see :mod:`trainer.models`). It trains with cross-ent
 biases; linear warm-up; cosine, step or constant schedule; the lr optionally scaled linearly in
 the global batch), and logs ``train_loss``, ``train_acc`` (epoch means), ``val_loss``, ``val_acc``,
 ``val_acc_top5`` (more than 5 classes) and ``lr`` (every ``trainer.log_every_n_steps`` steps).
+``optim.optimizer=adam`` swaps SGD for Adam; ``model.teacher`` trains on ReActNet's distributional loss
+against a trained run (:mod:`trainer.distill`, logged as ``train_kd_loss``), ``model.init_from`` starts
+from another run's weights (:mod:`trainer.checkpoints`), and ``trainer.gradient_clip_algorithm=agc``
+clips adaptively in :meth:`NormClassifier.configure_gradient_clipping` (:mod:`normlayers.agc`).
 With ``probes.fisher_every_n_steps > 0`` it brings its own :class:`~trainer.probes.FisherProbe`
 callback (``configure_callbacks``), so the probe comes with the module wherever it is trained.
 """
@@ -32,9 +36,11 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlayers import NormLayer
+from normlayers import NormLayer, adaptive_clip_grad_
+from trainer.checkpoints import init_from
 from trainer.config import OptimConfig
-from trainer.models import build_model
+from trainer.distill import Teacher, distribution_loss
+from trainer.models import build_model, classifier
 from trainer.probes import FisherProbe
 
 
@@ -54,6 +60,8 @@ def lr_factor(step: int, total: int, warmup: int, optim: Any) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     if optim["schedule"] == "step":
         return optim["step_gamma"] ** sum(progress >= m for m in optim["step_milestones"])
+    if optim["schedule"] == "linear":
+        return max(0.0, 1.0 - progress)
     return 1.0
 
 
@@ -86,19 +94,24 @@ class NormClassifier(pl.LightningModule):
     outputs; ``optim``: optimiser settings (the keys of the ``optim`` config section, defaults for
     the rest); ``batch_size``: the per-device batch, for ``optim.lr_scaling=linear`` (default
     ``optim.base_batch_size``: no scaling); ``channels_last``: NHWC memory format; ``fisher``:
-    ``{"every_n_steps", "iterations", "batch"}`` of the Fisher probe, or None; ``seed``: the probe's.
+    ``{"every_n_steps", "iterations", "batch"}`` of the Fisher probe, or None; ``seed``: the probe's;
+    ``teacher``: a frozen network whose logits the student matches (:mod:`trainer.distill`) instead of
+    the labels; ``agc_clip``: lambda of adaptive gradient clipping (every layer but the classifier).
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], num_classes: int,
                  optim: Mapping[str, Any] | None = None, batch_size: int | None = None, channels_last: bool = False,
-                 fisher: Mapping[str, int] | None = None, seed: int = 0):
+                 fisher: Mapping[str, int] | None = None, seed: int = 0,
+                 teacher: Callable[[Tensor], Tensor] | None = None, agc_clip: float | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["model"], logger=False)  # MLflow params are logged by the runner
+        self.save_hyperparameters(ignore=["model", "teacher"], logger=False)  # MLflow params: logged by the runner
         self.optim = optim_settings(optim)
         self.batch_size = batch_size or self.optim["base_batch_size"]
         self.fisher = dict(fisher) if fisher else None
         self.seed = seed
         self.model = model if isinstance(model, nn.Module) else model()
+        self.teacher = teacher
+        self.agc_clip = agc_clip
         self.channels_last = channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -117,9 +130,18 @@ class NormClassifier(pl.LightningModule):
         if probes.get("fisher_every_n_steps", 0):
             fisher = {"every_n_steps": probes["fisher_every_n_steps"], "iterations": probes["fisher_iterations"],
                       "batch": probes["fisher_batch"]}
-        return cls(build_model(config["model"], num_classes, in_channels, image_size), num_classes,
-                   optim=config["optim"], batch_size=config["data"]["batch_size"],
-                   channels_last=bool(config["trainer"]["channels_last"]), fisher=fisher, seed=config["seed"])
+        model_cfg, t = config["model"], config["trainer"]
+        model = build_model(model_cfg, num_classes, in_channels, image_size)
+        if model_cfg.get("init_from"):
+            init_from(model, model_cfg["init_from"], config)
+        teacher = Teacher(model_cfg["teacher"], config) if model_cfg.get("teacher") else None
+        agc_clip = t["gradient_clip_val"] if t.get("gradient_clip_algorithm") == "agc" else None
+        module = cls(model, num_classes, optim=config["optim"], batch_size=config["data"]["batch_size"],
+                     channels_last=bool(t["channels_last"]), fisher=fisher, seed=config["seed"], teacher=teacher,
+                     agc_clip=agc_clip)
+        # checkpoints carry the run's config, so that trainer.checkpoints can rebuild the network
+        module.hparams.update(config=config, in_channels=in_channels, image_size=image_size)
+        return module
 
     def configure_callbacks(self) -> list[pl.Callback]:
         if not self.fisher:
@@ -141,6 +163,10 @@ class NormClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        objective = loss
+        if self.teacher is not None:
+            objective = distribution_loss(logits, self.teacher(x))
+            self.log("train_kd_loss", objective.detach(), on_step=False, on_epoch=True, sync_dist=True)
         # Epoch means are accumulated here and logged once per epoch: a self.log call per step
         # costs Lightning about a millisecond of bookkeeping, 10% of a small step.
         self._loss_sum += loss.detach() * len(y)
@@ -149,7 +175,7 @@ class NormClassifier(pl.LightningModule):
         step = self.trainer.global_step
         if self.logger is not None and step % self.trainer.log_every_n_steps == 0:
             self.logger.log_metrics({"lr": self.optimizers().param_groups[0]["lr"]}, step=step)
-        return loss
+        return objective
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx + 1 == self.trainer.num_training_batches:
@@ -184,7 +210,10 @@ class NormClassifier(pl.LightningModule):
         optim = self.optim
         lr = effective_lr(optim, self.global_batch_size())
         groups = parameter_groups(self.model, optim["weight_decay"])
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"])
+        if optim.get("optimizer", "sgd") == "adam":
+            optimizer = torch.optim.Adam(groups, lr=lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"])
         total = int(self.trainer.estimated_stepping_batches)
         # known once the line above set up the data; not set up (infinite) when max_steps alone bounds training
         batches = self.trainer.num_training_batches
@@ -192,3 +221,12 @@ class NormClassifier(pl.LightningModule):
         warmup = round(optim["warmup_epochs"] * per_epoch)
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning knows norm and value only: agc is done here, with trainer.gradient_clip_val as lambda
+        if self.agc_clip:
+            head = {id(p) for p in classifier(self.model).parameters()}
+            adaptive_clip_grad_([p for p in self.model.parameters() if id(p) not in head], self.agc_clip)
+        elif gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -153,6 +153,8 @@ def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool)
         check_val_every_n_epoch=t.check_val_every_n_epoch, limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, num_sanity_val_steps=0, logger=False, callbacks=all_callbacks,
+        # agc is the module's own (configure_gradient_clipping); Lightning knows norm and value only
+        gradient_clip_algorithm=None if t.gradient_clip_algorithm == "agc" else t.gradient_clip_algorithm,
         plugins=plugins or None, enable_progress_bar=interactive, enable_model_summary=interactive,
         default_root_dir=str(run.run_dir),
     )

@@ -2,7 +2,9 @@
 
 ``build_model(model_cfg, num_classes, in_channels, image_size)`` builds ``model.arch``:
 ``cifar_resnet`` / ``cifar_preact_resnet`` (He et al. 2016, depth 6n+2), ``resnet``
-(ImageNet-style, depth 18/34/50/101/152), ``plain_cnn`` and ``mlp`` (depth studies). Every norm
+(ImageNet-style, depth 18/34/50/101/152), ``plain_cnn`` and ``mlp`` (depth studies), ``reactnet`` (binary ReActNet-18,
+:mod:`trainer.models.reactnet`). ``model.weight_std`` standardises every conv and linear weight
+but the classifier's (:mod:`normlayers.weight_std`). Every norm
 site uses ``model.norm`` under ``model.norm_placement`` and ``model.norm_order`` (see
 :mod:`trainer.models.norms`); kn layers are chained in module order (``link_kalman_layers``).
 """
@@ -18,12 +20,14 @@ import normlayers
 from trainer.models.cifar_resnet import CifarResNet
 from trainer.models.norms import NormSites
 from trainer.models.plain import MLP, PlainCNN
+from trainer.models.reactnet import ReActNet
 from trainer.models.resnet import ResNet
 
-DEFAULT_WIDTH = {"cifar_resnet": 16, "cifar_preact_resnet": 16, "resnet": 64, "plain_cnn": 32, "mlp": 256}
+DEFAULT_WIDTH = {"cifar_resnet": 16, "cifar_preact_resnet": 16, "resnet": 64, "plain_cnn": 32, "mlp": 256,
+                 "reactnet": 64}
 # arch -> the class that builds it and owns its depth rule (``depth_problem``)
 ARCHS: dict[str, type[nn.Module]] = {"cifar_resnet": CifarResNet, "cifar_preact_resnet": CifarResNet,
-                                     "resnet": ResNet, "plain_cnn": PlainCNN, "mlp": MLP}
+                                     "resnet": ResNet, "plain_cnn": PlainCNN, "mlp": MLP, "reactnet": ReActNet}
 
 
 def depth_problem(arch: str, depth: int) -> str | None:
@@ -45,13 +49,23 @@ def build_model(model_cfg: Any, num_classes: int, in_channels: int, image_size: 
         model = CifarResNet(depth, num_classes, in_channels, width, norms, preact=arch == "cifar_preact_resnet")
     elif arch == "resnet":
         model = ResNet(depth, num_classes, in_channels, width, norms)
+    elif arch == "reactnet":
+        model = ReActNet(num_classes, in_channels, width, norms, model_cfg.get("binary", "none"),
+                         normalizer_free=model_cfg.get("weight_std") == "scaled_ws")
     elif arch == "plain_cnn":
         model = PlainCNN(depth, num_classes, in_channels, width, norms)
     else:
         model = MLP(depth, num_classes, in_channels * image_size * image_size, width, norms)
     # Kalman Normalization carries each layer's estimate to the next kn layer (no-op without kn)
     normlayers.link_kalman_layers(model)
+    normlayers.standardize_weights(model, model_cfg.get("weight_std", "none"), skip=[classifier(model)],
+                                   gamma=getattr(model, "weight_std_gamma", normlayers.GAMMA_RELU))
     return model
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The final linear layer: every arch names it ``fc``. AGC and weight standardisation leave it alone."""
+    return model.fc
 
 
 def probed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -60,4 +74,5 @@ def probed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{i:03d}_{name}", m) for i, (name, m) in enumerate(layers)]
 
 
-__all__ = ["CifarResNet", "MLP", "NormSites", "PlainCNN", "ResNet", "build_model", "probed_layers"]
+__all__ = ["CifarResNet", "MLP", "NormSites", "PlainCNN", "ReActNet", "ResNet", "build_model", "classifier",
+           "probed_layers"]
