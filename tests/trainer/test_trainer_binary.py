@@ -79,7 +79,7 @@ def test_binarised_activations_reach_the_binary_convs():
 
 def test_agc_hook_clips_each_unit_by_the_formula_and_leaves_the_classifier(tmp_path):
     cfg = load_config(None, [*BN_FREE, "model.width=8", f"output.root={tmp_path}"])
-    module = NormClassifier(cfg, 10, 1, 8)
+    module = NormClassifier.from_config(cfg, 10, 1, 8)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     torch.nn.functional.cross_entropy(module(x) * 30, y).backward()
     head = {id(p) for p in classifier(module.model).parameters()}
@@ -92,7 +92,7 @@ def test_agc_hook_clips_each_unit_by_the_formula_and_leaves_the_classifier(tmp_p
     ratios = torch.cat([unit_norms(p.grad) / unit_norms(p.detach()).clamp(min=1e-3) for p in params
                         if id(p) not in head])
     lam = float(ratios.median())  # half the units above lambda, half below
-    module.config["trainer"]["gradient_clip_val"] = lam
+    module.agc_clip = lam
     module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=0.1))
     clipped = unclipped = 0
     for p in params:
@@ -148,7 +148,7 @@ def test_distilled_student_logs_the_kd_loss_and_starts_from_a_checkpoint(tmp_pat
     path = tmp_path / "runs" / student_key / "checkpoints" / "last.ckpt"
     for spec in (str(path), "with:model.binary=activations"):
         step2 = load_config(None, [*student_argv, "model.binary=weights_and_activations", f"model.init_from={spec}"])
-        module = NormClassifier(step2, 10, 1, 8)
+        module = NormClassifier.from_config(step2, 10, 1, 8)
         for name, tensor in module.model.state_dict().items():
             assert torch.equal(tensor, ckpt["state_dict"][f"model.{name}"]), name
     with pytest.raises(ConfigError, match="model.init_from: 'with:model.binary=none' is run [0-9a-f]{12}, which has"):
