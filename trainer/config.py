@@ -55,10 +55,11 @@ class ModelConfig:
                                    "the classifier's")
     binary: str = _opt("none", "reactnet: none | activations | weights_and_activations (its 3x3 convs; stem, "
                                "shortcuts and classifier stay real-valued)")
-    teacher: str | None = _opt(None, "distil from this normlab run key (under output.root) or checkpoint path with "
+    teacher: str | None = _opt(None, "distil from this run (a run key under output.root, a .ckpt path, or "
+                                     "'with:KEY=VALUE ...': this run's config with those overrides) with "
                                      "ReActNet's distributional loss (null: cross-entropy)")
-    init_from: str | None = _opt(None, "start from the model weights of this run key or checkpoint path (the "
-                                       "two-step binary recipe's second step)")
+    init_from: str | None = _opt(None, "start from the model weights of this run (run key, .ckpt path or "
+                                       "'with:KEY=VALUE ...'; the two-step binary recipe's second step)")
 
 
 @dataclass
