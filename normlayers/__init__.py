@@ -22,6 +22,7 @@ from normlayers.kalman import link_kalman_layers
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
 from normlayers.stats import batch_moments
 from normlayers.sync import convert_sync, revert_sync
+from normlayers.virtual import set_virtual_devices
 
 __all__ = [
     "NormInfo",
@@ -35,4 +36,5 @@ __all__ = [
     "parse_spec",
     "register",
     "revert_sync",
+    "set_virtual_devices",
 ]
