@@ -19,6 +19,7 @@ from normlayers import proxy as _proxy  # noqa: F401
 from normlayers import renorm as _renorm  # noqa: F401
 from normlayers.base import NormLayer
 from normlayers.kalman import link_kalman_layers
+from normlayers.precise import precise_stats
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
 from normlayers.stats import batch_moments
 from normlayers.sync import convert_sync, revert_sync
@@ -34,6 +35,7 @@ __all__ = [
     "link_kalman_layers",
     "norm_class",
     "parse_spec",
+    "precise_stats",
     "register",
     "revert_sync",
     "set_virtual_devices",

@@ -68,6 +68,10 @@ class BatchGroupNorm(NormLayer):
             mean, var = self.running_mean, self.running_var
         return self._normalize(x, mean, var)
 
+    def population_view(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        """The values each statistic covers (for :func:`normlayers.precise_stats`): one group of every sample."""
+        return x.reshape(x.shape[0], self.groups, -1), [0, 2]
+
     def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         dtype = compute_dtype(x)
         channels = self.num_features

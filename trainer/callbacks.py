@@ -109,6 +109,7 @@ class DivergenceGuard(Callback):
         self.factor = factor
         self.initial_loss: float | None = None
         self.diverged_step: int | None = None
+        self.tripped: str | None = None  # what tripped the rule, e.g. "non-finite loss (nan)"
 
     @property
     def diverged(self) -> bool:
@@ -124,6 +125,9 @@ class DivergenceGuard(Callback):
             self.initial_loss = value
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             self.diverged_step = trainer.global_step
+            self.tripped = (f"non-finite loss ({value})" if not math.isfinite(value) else
+                            f"loss {value:.4g} > {self.factor:g} x the first loss {self.initial_loss:.4g}" if bad else
+                            "another rank's loss")
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -135,11 +139,12 @@ class DivergenceGuard(Callback):
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial_loss": self.initial_loss, "diverged_step": self.diverged_step}
+        return {"initial_loss": self.initial_loss, "diverged_step": self.diverged_step, "tripped": self.tripped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_loss = state_dict["initial_loss"]
         self.diverged_step = state_dict["diverged_step"]
+        self.tripped = state_dict.get("tripped")
 
 
 class EpochSeeding(Callback):

@@ -1,0 +1,69 @@
+"""A run's outcome class, and the two rules it rests on (documented in docs/trainer.md, "Outcomes").
+
+- ``finished``: trained to its budget and ended above chance.
+- ``diverged``: the divergence rule tripped (see :class:`trainer.callbacks.DivergenceGuard`: a
+  non-finite loss, or a loss above ``probes.divergence_factor`` x the first finite loss); the step
+  and what tripped are recorded.
+- ``collapsed``: some validation was above chance, the final one is at chance.
+- ``not_learning``: no validation was ever above chance.
+
+The chance rule: an accuracy is *at chance* when it is at most ``CHANCE_FACTOR`` / number of classes
+(1.5 x the accuracy of guessing; on 10 classes, 15%). The validations are those of every epoch end
+and the final weights' one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+#: MLflow tag holding the outcome class (``normlab.status`` says finished | diverged: whether the run is over)
+OUTCOME_TAG = "normlab.outcome"
+OUTCOMES = ("finished", "diverged", "collapsed", "not_learning")
+#: an accuracy at most this multiple of chance (1 / classes) is "at chance"
+CHANCE_FACTOR = 1.5
+
+
+def at_chance(accuracy: float | None, num_classes: int | str | None) -> bool:
+    """The chance rule: ``accuracy <= CHANCE_FACTOR / num_classes`` (False when either is unknown)."""
+    return accuracy is not None and num_classes is not None and accuracy <= CHANCE_FACTOR / int(num_classes)
+
+
+@dataclass
+class Outcome:
+    kind: str  # one of OUTCOMES
+    step: int | None = None  # diverged: the optimizer step at which the rule tripped
+    tripped: str | None = None  # diverged: what tripped it
+
+
+def classify(diverged_step: int | None, tripped: str | None, accuracies: Sequence[float],
+             num_classes: int) -> Outcome:
+    """The outcome of a run from its divergence record and its validation accuracies in order."""
+    if diverged_step is not None:
+        return Outcome("diverged", diverged_step, tripped)
+    if not accuracies or all(at_chance(a, num_classes) for a in accuracies):
+        return Outcome("not_learning")
+    if at_chance(accuracies[-1], num_classes):
+        return Outcome("collapsed")
+    return Outcome("finished")
+
+
+class ValidationHistory(Callback):
+    """The ``val_acc`` of every validation of the run (fit's and the final weights'), kept in checkpoints."""
+
+    def __init__(self) -> None:
+        self.accuracies: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val_acc")
+        if value is not None and not trainer.sanity_checking:
+            self.accuracies.append(float(value))
+
+    def state_dict(self) -> dict:
+        return {"accuracies": list(self.accuracies)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.accuracies = list(state_dict["accuracies"])
