@@ -40,6 +40,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.outcome import at_chance
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPORT_TAG = ("normlab.kind", "report")
 PROBE_METRIC = re.compile(r"^probe/(act_std|grad_norm)/(\d{3})_(.+)$")
@@ -91,11 +93,9 @@ class Section:
 # A run whose final accuracy is no better than this multiple of chance did not train: at a large
 # learning rate SGD can collapse to one class without the loss ever exploding (the divergence guard
 # then stays quiet), and for the stability question that is as much a failure as a divergence.
-CHANCE_FACTOR = 1.5
-
-
+# The chance rule is the trainer's (trainer.outcome, the one definition of the outcome classes).
 def _at_chance(val_acc: float | None, num_classes: str | None) -> bool:
-    return val_acc is not None and num_classes is not None and val_acc <= CHANCE_FACTOR / int(num_classes)
+    return at_chance(val_acc, num_classes)
 
 
 def norm_label(norm: str, params: dict[str, str]) -> str:

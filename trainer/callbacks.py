@@ -13,6 +13,7 @@
 - :class:`EpochSeeding`: re-seeds torch's global generator from ``(seed, epoch, rank)`` at every
   epoch start, so stochastic layers (dropout) replay identically after a resume.
 - :class:`EpochLines`: one line per epoch when there is no terminal for a progress bar.
+- :class:`ValidationHistory`: every validation's ``val_acc``, for the outcome class (:mod:`trainer.outcome`).
 - :class:`LastValidation`: the step of the last validation during fit, so that a run whose training
   stopped elsewhere (``max_steps`` inside an epoch, ``check_val_every_n_epoch`` not dividing
   ``max_epochs``) gets its final weights validated.
@@ -192,3 +193,21 @@ class LastValidation(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.step = trainer.global_step
+
+
+class ValidationHistory(Callback):
+    """The ``val_acc`` of every validation of the run (fit's and the final weights'), kept in checkpoints."""
+
+    def __init__(self) -> None:
+        self.accuracies: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val_acc")
+        if value is not None and not trainer.sanity_checking:
+            self.accuracies.append(float(value))
+
+    def state_dict(self) -> dict:
+        return {"accuracies": list(self.accuracies)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.accuracies = list(state_dict["accuracies"])

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlayers import NormLayer
+from normlayers import NormLayer, set_virtual_devices
 from trainer.models import build_model
 from trainer.probes import FisherProbe
 
@@ -80,6 +80,7 @@ class NormClassifier(pl.LightningModule):
         self.save_hyperparameters(logger=False)  # MLflow params are the flattened config, logged by the runner
         self.config = config
         self.model = build_model(config["model"], num_classes, in_channels, image_size)
+        set_virtual_devices(self.model, config["trainer"].get("virtual_devices", 1))
         self.channels_last = bool(config["trainer"]["channels_last"])
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -156,6 +157,7 @@ class NormClassifier(pl.LightningModule):
         # known once the line above set up the data; not set up (infinite) when max_steps alone bounds training
         batches = self.trainer.num_training_batches
         per_epoch = max(1, int(batches) if math.isfinite(batches) else total)
-        warmup = round(optim["warmup_epochs"] * per_epoch)
+        warmup = optim.get("warmup_steps", -1)
+        warmup = warmup if warmup >= 0 else round(optim["warmup_epochs"] * per_epoch)
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

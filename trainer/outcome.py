@@ -9,16 +9,14 @@
 
 The chance rule: an accuracy is *at chance* when it is at most ``CHANCE_FACTOR`` / number of classes
 (1.5 x the accuracy of guessing; on 10 classes, 15%). The validations are those of every epoch end
-and the final weights' one.
+and the final weights' one (:class:`trainer.callbacks.ValidationHistory`). Only the standard
+library here: the report (``cluster.report``) applies the same chance rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 
 #: MLflow tag holding the outcome class (``normlab.status`` says finished | diverged: whether the run is over)
 OUTCOME_TAG = "normlab.outcome"
@@ -49,21 +47,3 @@ def classify(diverged_step: int | None, tripped: str | None, accuracies: Sequenc
     if at_chance(accuracies[-1], num_classes):
         return Outcome("collapsed")
     return Outcome("finished")
-
-
-class ValidationHistory(Callback):
-    """The ``val_acc`` of every validation of the run (fit's and the final weights'), kept in checkpoints."""
-
-    def __init__(self) -> None:
-        self.accuracies: list[float] = []
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        value = trainer.callback_metrics.get("val_acc")
-        if value is not None and not trainer.sanity_checking:
-            self.accuracies.append(float(value))
-
-    def state_dict(self) -> dict:
-        return {"accuracies": list(self.accuracies)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.accuracies = list(state_dict["accuracies"])

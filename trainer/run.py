@@ -27,10 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
+from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe, ValidationHistory
 from trainer.config import DEFAULT_TRACKING_URI, ConfigError, flatten, norm_spec_text, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
+from trainer.norm_eval import evaluate_norm_stats
+from trainer.outcome import OUTCOME_TAG, classify
 
 CHECKPOINT = "last.ckpt"
 
@@ -42,6 +44,7 @@ class RunResult:
     status: str  # "finished" | "diverged"
     metrics: dict[str, float]
     run_dir: str
+    outcome: dict | None = None  # trainer.outcome.Outcome as a dict: kind, step, tripped
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -173,9 +176,10 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     guard = DivergenceGuard(cfg.probes.divergence_factor)
     last_validation = LastValidation()
+    history = ValidationHistory()
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=Path(CHECKPOINT).stem, save_top_k=1,
                                  every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    all_callbacks: list[Callback] = [checkpoint, guard, last_validation, EpochSeeding(cfg.seed),
+    all_callbacks: list[Callback] = [checkpoint, guard, last_validation, history, EpochSeeding(cfg.seed),
                                      LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
                                                 cfg.probes.gradients)]
     if not interactive:
@@ -190,7 +194,8 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     t = cfg.trainer
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=t.precision, deterministic=t.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        precision=t.precision, deterministic=t.deterministic, max_steps=t.max_steps,
+        max_epochs=-1 if t.max_steps > 0 else t.max_epochs,  # a step budget is the whole budget
         check_val_every_n_epoch=t.check_val_every_n_epoch, limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, num_sanity_val_steps=0, logger=False, callbacks=all_callbacks,
@@ -227,13 +232,20 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
         # training stopped away from a validation (max_steps inside an epoch): the final weights still get one
         (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in final.items()})
+    if not guard.diverged and t.limit_val_batches != 0 and list(cfg.eval.norm_stats) != ["running"]:
+        by_stats = evaluate_norm_stats(trainer, module, datamodule, cfg)
+        logger.log_metrics(by_stats, step=trainer.global_step)
+        metrics.update(by_stats)
     metrics["diverged"] = float(guard.diverged)
     if guard.diverged:
         metrics["diverged_step"] = float(guard.diverged_step)
-    result = RunResult(run_id=None, run_key=key, status=status, metrics=metrics, run_dir=str(run_dir))
+    outcome = classify(guard.diverged_step, guard.tripped, history.accuracies, datamodule.num_classes)
+    result = RunResult(run_id=None, run_key=key, status=status, metrics=metrics, run_dir=str(run_dir),
+                       outcome=asdict(outcome))
     if trainer.is_global_zero:
         result.run_id = logger.run_id
         client.set_tag(result.run_id, "normlab.status", status)
+        client.set_tag(result.run_id, OUTCOME_TAG, outcome.kind)
         result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
