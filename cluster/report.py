@@ -119,7 +119,8 @@ def record_from_run(run) -> RunRecord | None:
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     try:
         norm = tags.get("norm") or params["model.norm"]
-        batch_size = int(tags.get("batch_size") or params["data.batch_size"])
+        # the per-device batch the norms' statistics see: with virtual devices, a slice of data.batch_size
+        batch_size = int(tags.get("stats_batch_size") or tags.get("batch_size") or params["data.batch_size"])
         lr = float(params["optim.lr"])
         seed = int(params["seed"])
     except (KeyError, ValueError):

@@ -216,6 +216,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     spec = norm_spec_text(cfg.model.norm)
     tags = {**cfg.tracking.tags, "run_key": key, "norm": spec, "norm_name": spec.partition(":")[0],
             "batch_size": str(cfg.data.batch_size), "global_batch_size": str(global_batch), "world_size": str(world),
+            "stats_batch_size": str(cfg.data.batch_size // t.virtual_devices),  # what one (virtual) device normalises
             "normlab.status": "running"}
     try:
         logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch,
