@@ -1,6 +1,6 @@
 """A run's outcome class, and the two rules it rests on (documented in docs/trainer.md, "Outcomes").
 
-- ``finished``: trained to its budget and ended above chance.
+- ``finished``: trained to its budget and ended above chance (or was never validated).
 - ``diverged``: the divergence rule tripped (see :class:`trainer.callbacks.DivergenceGuard`: a
   non-finite loss, or a loss above ``probes.divergence_factor`` x the first finite loss); the step
   and what tripped are recorded.
@@ -42,7 +42,9 @@ def classify(diverged_step: int | None, tripped: str | None, accuracies: Sequenc
     """The outcome of a run from its divergence record and its validation accuracies in order."""
     if diverged_step is not None:
         return Outcome("diverged", diverged_step, tripped)
-    if not accuracies or all(at_chance(a, num_classes) for a in accuracies):
+    if not accuracies:  # never validated (trainer.limit_val_batches=0): nothing says it did not learn
+        return Outcome("finished")
+    if all(at_chance(a, num_classes) for a in accuracies):
         return Outcome("not_learning")
     if at_chance(accuracies[-1], num_classes):
         return Outcome("collapsed")

@@ -115,3 +115,14 @@ def test_each_outcome_class_from_a_run_built_to_be_one(case, options, callbacks,
     if expected == "diverged":
         assert result.outcome["step"] == result.metrics["diverged_step"] >= 1
         assert result.outcome["tripped"].startswith(("non-finite loss", "loss "))
+
+
+def test_the_chance_rule_and_the_classes_at_their_boundaries():
+    from trainer.outcome import at_chance, classify
+
+    assert at_chance(0.15, 10) and not at_chance(0.1501, 10) and at_chance(0.75, 2) and not at_chance(None, 10)
+    assert classify(None, None, [0.15, 0.12], 10).kind == "not_learning"
+    assert classify(None, None, [0.2, 0.15], 10).kind == "collapsed"
+    assert classify(None, None, [0.1, 0.2], 10).kind == "finished"
+    assert classify(None, None, [], 10).kind == "finished"  # never validated
+    assert classify(7, "non-finite loss (nan)", [0.9], 10) == classify(7, "non-finite loss (nan)", [], 10)
