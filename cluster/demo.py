@@ -1,7 +1,11 @@
 """``normlab demo`` (what ``make demo`` runs): the demo sweep on this machine, its report, and how to browse it.
 
-Runs ``configs/sweeps/demo.yaml`` (five norms x four per-device batch sizes on digits, CPU, local
-executor) in the current directory: MLflow in ``./mlflow.db``, run directories in ``./runs``.
+Runs ``configs/sweeps/demo.yaml`` in the current directory (digits, CPU, local executor; MLflow in
+``./mlflow.db``, run directories in ``./runs``): BN's small-batch regime under the GN paper's
+protocol, a fixed global batch of 32 with the per-device (statistics) batch 32 -> 2 set by virtual
+devices, one step budget for every run, bn, bgn, brn at every per-device batch and the
+batch-independent gn, frn and none once, 3 seeds, each run also evaluated with precise and batch
+statistics.
 Runs already finished are skipped, so running it again only writes the report again.
 """
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer import tracking
+from trainer.outcome import at_chance
 
 REPORT_TAG = (tracking.KIND_TAG, tracking.REPORT_KIND)
 PROBE_METRIC = re.compile(r"^probe/(act_std|grad_norm)/(\d{3})_(.+)$")
@@ -92,11 +93,9 @@ class Section:
 # A run whose final accuracy is no better than this multiple of chance did not train: at a large
 # learning rate SGD can collapse to one class without the loss ever exploding (the divergence guard
 # then stays quiet), and for the stability question that is as much a failure as a divergence.
-CHANCE_FACTOR = 1.5
-
-
+# The chance rule is the trainer's (trainer.outcome, the one definition of the outcome classes).
 def _at_chance(val_acc: float | None, num_classes: str | None) -> bool:
-    return val_acc is not None and num_classes is not None and val_acc <= CHANCE_FACTOR / int(num_classes)
+    return at_chance(val_acc, num_classes)
 
 
 def norm_label(norm: str, params: dict[str, str]) -> str:
@@ -131,7 +130,9 @@ def record_from_run(run) -> RunRecord | None:
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     try:
         norm = tags.get(tracking.NORM_TAG) or params["model.norm"]
-        batch_size = int(tags.get(tracking.BATCH_SIZE_TAG) or params["data.batch_size"])
+        # the per-device batch the norms' statistics see: with virtual devices, a slice of data.batch_size
+        batch_size = int(tags.get(tracking.STATS_BATCH_SIZE_TAG) or tags.get(tracking.BATCH_SIZE_TAG)
+                         or params["data.batch_size"])
         lr = float(params["optim.lr"])
         seed = int(params["seed"])
     except (KeyError, ValueError):

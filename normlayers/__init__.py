@@ -27,10 +27,12 @@ from normlayers.base import NormLayer
 from normlayers.binary import BinaryConv2d, RPReLU, RSign, approx_sign, binarize_weight
 from normlayers.frozen import freeze_norms, unfreeze_norms
 from normlayers.kalman import link_kalman_layers
+from normlayers.precise import precise_stats
 from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
 from normlayers.spec import NormSpec
 from normlayers.stats import batch_covariance, batch_moments
 from normlayers.sync import convert_sync, revert_sync
+from normlayers.virtual import set_virtual_devices
 from normlayers.weight_std import GAMMA_RELU, standardize_weights, trainable_weight
 
 __all__ = [
@@ -56,7 +58,9 @@ __all__ = [
     "link_kalman_layers",
     "norm_class",
     "parse_spec",
+    "precise_stats",
     "register",
     "revert_sync",
     "unfreeze_norms",
+    "set_virtual_devices",
 ]

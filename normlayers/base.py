@@ -63,6 +63,20 @@ class NormLayer(nn.Module):
     #: statistics over the union of the group's batches.
     process_group: object | None = None
 
+    #: 1: the batch is one device's. k > 1: the layer acts as k unsynchronised devices, each on one of
+    #: k equal slices of the batch (see :func:`normlayers.set_virtual_devices`).
+    virtual_devices: int = 1
+    #: plain attributes (not buffers) holding training state that each virtual device keeps its own of
+    device_state: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, *args, **kwargs):
+        if self.virtual_devices > 1:
+            from normlayers.virtual import splits_batch, virtual_call
+
+            if splits_batch(self):
+                return virtual_call(self, super().__call__, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     def init_affine(self, num_features: int, affine: bool) -> None:
         """Per-channel scale (ones) and shift (zeros) as ``weight``/``bias``, or both ``None``."""
         self.affine = affine

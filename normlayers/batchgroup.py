@@ -97,6 +97,9 @@ class BatchGroupNorm(NormLayer):
                 f"input of shape {tuple(x.shape)} with H*W={positions}; use inputs of the training size, or "
                 f"groups dividing {self.num_features}"
             )
+    def population_view(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        """The values each statistic covers (for :func:`normlayers.precise_stats`): one group of every sample."""
+        return x.reshape(x.shape[0], self.groups, -1), [0, 2]
 
     def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         dtype = compute_dtype(x)

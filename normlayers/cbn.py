@@ -97,6 +97,7 @@ def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> T
 class CrossIterationBatchNorm(NormLayer):
     batch_dependent = True
     needs_preceding_weight = True
+    device_state = ("_history",)  # each (virtual) device buffers its own past iterations
 
     def __init__(
         self,

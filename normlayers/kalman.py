@@ -54,6 +54,7 @@ from normlayers.batchnorm import check_channels
 from normlayers.cbn import normalize_with
 from normlayers.registry import register
 from normlayers.stats import batch_moments, unbiased, update_running
+from normlayers.virtual import device_attribute
 
 #: the authors' guard: beyond this ratio of predicted to observed variance, trust the batch alone
 PRIOR_VARIANCE_RATIO_LIMIT = 100.0
@@ -106,6 +107,7 @@ def linear_transition(layer: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tens
 class KalmanNorm(NormLayer):
     batch_dependent = True
     needs_preceding_weight = True
+    device_state = ("_estimate", "_forward_count")  # each (virtual) device chains its own estimates
 
     def __init__(
         self,
@@ -160,15 +162,16 @@ class KalmanNorm(NormLayer):
     def prediction(self) -> tuple[Tensor, Tensor] | None:
         """(mu_{k|k-1}, Sigma_{k|k-1}) from the preceding KN's estimate in this step, or None."""
         previous, layer = self.__dict__["_previous"], self.__dict__["_transition"]
-        if previous is None or layer is None or previous._estimate.moments is None:
+        if previous is None or layer is None:
             return None
+        estimate = device_attribute(previous, "_estimate")  # the predecessor's on this (virtual) device
         # the predecessor must have run in this very step (its estimate is part of this step's graph)
-        if previous._estimate.count != self._forward_count:
+        if estimate.moments is None or estimate.count != self._forward_count:
             return None
         in_channels = layer.weight.shape[1] * getattr(layer, "groups", 1)
         if in_channels != previous.num_features:
             return None
-        return linear_transition(layer, *relu_gaussian_moments(*previous._estimate.moments))
+        return linear_transition(layer, *relu_gaussian_moments(*estimate.moments))
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("kn", x, self.num_features)

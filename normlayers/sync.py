@@ -76,6 +76,11 @@ def convert_sync(model: nn.Module, group=None) -> nn.Module:
             f"convert_sync: {', '.join(foreign)} is torch's {type(model.get_submodule(foreign[0])).__name__}, "
             f"which convert_sync cannot synchronise; build it with normlayers.build_norm('bn', channels)"
         )
+    virtual = [name or type(model).__name__ for name, module in model.named_modules()
+               if isinstance(module, NormLayer) and module.virtual_devices > 1]
+    if virtual:
+        raise ValueError(f"convert_sync: {virtual[0]} has virtual devices (set_virtual_devices); virtual devices and "
+                         f"synchronised statistics do not combine")
     group = dist.group.WORLD if group is None else group
     for module in model.modules():
         if isinstance(module, NormLayer) and module.batch_dependent:

@@ -13,6 +13,7 @@
 - :class:`EpochSeeding`: re-seeds torch's global generator from ``(seed, epoch, rank)`` at every
   epoch start, so stochastic layers (dropout) replay identically after a resume.
 - :class:`EpochLines`: one line per epoch when there is no terminal for a progress bar.
+- :class:`ValidationHistory`: every validation's ``val_acc``, for the outcome class (:mod:`trainer.outcome`).
 - :class:`LastValidation`: the step of the last validation during fit, so that a run whose training
   stopped elsewhere (``max_steps`` inside an epoch, ``check_val_every_n_epoch`` not dividing
   ``max_epochs``) gets its final weights validated.
@@ -111,6 +112,7 @@ class DivergenceGuard(Callback):
         self.factor = factor
         self.initial_loss: float | None = None
         self.diverged_step: int | None = None
+        self.tripped: str | None = None  # what tripped the rule, e.g. "non-finite loss (nan)"
 
     @property
     def diverged(self) -> bool:
@@ -126,6 +128,9 @@ class DivergenceGuard(Callback):
             self.initial_loss = value
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             self.diverged_step = trainer.global_step
+            self.tripped = (f"non-finite loss ({value})" if not math.isfinite(value) else
+                            f"loss {value:.4g} > {self.factor:g} x the first loss {self.initial_loss:.4g}" if bad else
+                            "another rank's loss")
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -137,11 +142,12 @@ class DivergenceGuard(Callback):
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial_loss": self.initial_loss, "diverged_step": self.diverged_step}
+        return {"initial_loss": self.initial_loss, "diverged_step": self.diverged_step, "tripped": self.tripped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_loss = state_dict["initial_loss"]
         self.diverged_step = state_dict["diverged_step"]
+        self.tripped = state_dict.get("tripped")
 
 
 class EpochSeeding(Callback):
@@ -189,3 +195,21 @@ class LastValidation(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.step = trainer.global_step
+
+
+class ValidationHistory(Callback):
+    """The ``val_acc`` of every validation of the run (fit's and the final weights'), kept in checkpoints."""
+
+    def __init__(self) -> None:
+        self.accuracies: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val_acc")
+        if value is not None and not trainer.sanity_checking:
+            self.accuracies.append(float(value))
+
+    def state_dict(self) -> dict:
+        return {"accuracies": list(self.accuracies)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.accuracies = list(state_dict["accuracies"])

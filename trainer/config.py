@@ -95,6 +95,7 @@ class OptimConfig:
     nesterov: bool = _opt(False, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay; never applied to norm parameters or biases")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs")
+    warmup_steps: int = _opt(-1, "linear warm-up length in optimizer steps (-1: warmup_epochs decides)")
     schedule: str = _opt("cosine", "cosine | step | constant | linear (decay to 0) (after warm-up)")
     step_milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr drops")
     step_gamma: float = _opt(0.1, "step schedule: factor at each milestone")
@@ -104,8 +105,11 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = _opt(15, "epochs to train")
-    max_steps: int = _opt(-1, "optimizer steps to train (-1: max_epochs decides)")
+    max_epochs: int = _opt(15, "epochs to train (ignored when max_steps is set)")
+    max_steps: int = _opt(-1, "optimizer steps to train; when set, the budget (and the lr schedule) is in steps and "
+                              "max_epochs is ignored (-1: max_epochs decides)")
+    virtual_devices: int = _opt(1, "each batch-dependent norm acts as this many unsynchronised devices, each "
+                                   "normalising data.batch_size / virtual_devices samples")
     accelerator: str = _opt("auto", "cpu | gpu | cuda | auto")
     devices: int = _opt(1, "devices per node (DDP when devices * num_nodes > 1)")
     num_nodes: int = _opt(1, "nodes")
@@ -148,6 +152,14 @@ class ProbesConfig:
 
 
 @dataclass
+class EvalConfig:
+    norm_stats: list[str] = _opt(["running"], "statistics the final weights are evaluated with: running (the EMA; "
+                                              "val_acc), precise (population statistics, normlayers.precise_stats), "
+                                              "batch (each batch's own); each logs val_acc/<kind>, val_loss/<kind>")
+    precise_batches: int = _opt(100, "training batches (at most one epoch) the precise statistics pool")
+
+
+@dataclass
 class OutputConfig:
     root: str = _opt("runs", "run directories go to <root>/<run_key>")
 
@@ -161,9 +173,11 @@ class ExperimentConfig:
     trainer: TrainerConfig = _opt(TrainerConfig(), "")
     tracking: TrackingConfig = _opt(TrackingConfig(), "")
     probes: ProbesConfig = _opt(ProbesConfig(), "")
+    eval: EvalConfig = _opt(EvalConfig(), "")
     output: OutputConfig = _opt(OutputConfig(), "")
 
 
+NORM_STATS = ("running", "precise", "batch")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
@@ -299,6 +313,16 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("optim.weight_decay and optim.warmup_epochs must be >= 0")
     if any(not 0.0 < f < 1.0 for f in o.step_milestones):
         raise ConfigError(f"optim.step_milestones: fractions of training in (0, 1), got {list(o.step_milestones)}")
+    if t.virtual_devices < 1 or d.batch_size % t.virtual_devices:
+        raise ConfigError(f"trainer.virtual_devices: must be a positive int dividing data.batch_size={d.batch_size}, "
+                          f"got {t.virtual_devices}")
+    if t.virtual_devices > 1 and t.sync_norm:
+        raise ConfigError("trainer.virtual_devices: virtual devices and trainer.sync_norm do not combine; set one")
+    kinds = list(cfg.eval.norm_stats)
+    if not kinds or any(k not in NORM_STATS for k in kinds) or len(set(kinds)) < len(kinds):
+        raise ConfigError(f"eval.norm_stats: a list of distinct {', '.join(NORM_STATS)}, got {kinds}")
+    if cfg.eval.precise_batches < 1:
+        raise ConfigError(f"eval.precise_batches: must be >= 1, got {cfg.eval.precise_batches}")
     if t.max_epochs < 1 and t.max_steps < 1:
         raise ConfigError("trainer.max_epochs: give max_epochs >= 1 or max_steps >= 1")
     check_binary_recipe(cfg)

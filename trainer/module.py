@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlayers import NormLayer, adaptive_clip_grad_
+from normlayers import NormLayer, adaptive_clip_grad_, set_virtual_devices
 from trainer.checkpoints import init_from
 from trainer.config import OptimConfig
 from trainer.distill import Teacher, distribution_loss
@@ -132,6 +132,7 @@ class NormClassifier(pl.LightningModule):
                       "batch": probes["fisher_batch"]}
         model_cfg, t = config["model"], config["trainer"]
         model = build_model(model_cfg, num_classes, in_channels, image_size)
+        set_virtual_devices(model, t.get("virtual_devices", 1))
         if model_cfg.get("init_from"):
             init_from(model, model_cfg["init_from"], config)
         teacher = Teacher(model_cfg["teacher"], config) if model_cfg.get("teacher") else None
@@ -218,7 +219,8 @@ class NormClassifier(pl.LightningModule):
         # known once the line above set up the data; not set up (infinite) when max_steps alone bounds training
         batches = self.trainer.num_training_batches
         per_epoch = max(1, int(batches) if math.isfinite(batches) else total)
-        warmup = round(optim["warmup_epochs"] * per_epoch)
+        warmup = optim.get("warmup_steps", -1)
+        warmup = warmup if warmup >= 0 else round(optim["warmup_epochs"] * per_epoch)
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

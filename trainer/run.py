@@ -29,10 +29,12 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 import normlayers
 from trainer import tracking
-from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
+from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe, ValidationHistory
 from trainer.config import ConfigError, flatten, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
+from trainer.norm_eval import evaluate_norm_stats
+from trainer.outcome import classify
 
 CHECKPOINT = "last.ckpt"
 
@@ -44,6 +46,7 @@ class RunResult:
     status: str  # "finished" | "diverged"
     metrics: dict[str, float]
     run_dir: str
+    outcome: dict | None = None  # trainer.outcome.Outcome as a dict: kind, step, tripped
 
 
 def _previous_run_id(run_dir: Path, client: MlflowClient) -> str | None:
@@ -91,6 +94,7 @@ class _Prepared:
     module: NormClassifier
     guard: DivergenceGuard
     last_validation: LastValidation
+    history: ValidationHistory
 
     @property
     def checkpoint(self) -> Path:
@@ -126,7 +130,7 @@ def _prepare(cfg: DictConfig) -> _Prepared:
         raise ConfigError(f"model.norm: {str(e).splitlines()[0]}") from None
     key = run_key(cfg)
     return _Prepared(cfg, key, Path(cfg.output.root) / key, datamodule, module,
-                     DivergenceGuard(cfg.probes.divergence_factor), LastValidation())
+                     DivergenceGuard(cfg.probes.divergence_factor), LastValidation(), ValidationHistory())
 
 
 def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool) -> pl.Trainer:
@@ -136,7 +140,8 @@ def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool)
     # write every checkpoint twice here: this Lightning saves "last" only beside a top-k checkpoint.)
     checkpoint = ModelCheckpoint(dirpath=run.checkpoint.parent, filename=run.checkpoint.stem, save_top_k=1,
                                  every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    all_callbacks: list[Callback] = [checkpoint, run.guard, run.last_validation, EpochSeeding(cfg.seed),
+    all_callbacks: list[Callback] = [checkpoint, run.guard, run.last_validation, run.history,
+                                     EpochSeeding(cfg.seed),
                                      LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
                                                 cfg.probes.gradients)]
     if not interactive:
@@ -149,7 +154,8 @@ def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool)
         plugins.append(NormSyncPlugin())
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=t.precision, deterministic=t.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        precision=t.precision, deterministic=t.deterministic, max_steps=t.max_steps,
+        max_epochs=-1 if t.max_steps > 0 else t.max_epochs,  # a step budget is the whole budget
         check_val_every_n_epoch=t.check_val_every_n_epoch, limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, num_sanity_val_steps=0, logger=False, callbacks=all_callbacks,
@@ -179,7 +185,10 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
     spec = normlayers.NormSpec.parse(cfg.model.norm)  # the config holds its canonical text
     tags = {**cfg.tracking.tags, tracking.RUN_KEY_TAG: run.key, tracking.NORM_TAG: str(spec),
             tracking.NORM_NAME_TAG: spec.name, tracking.BATCH_SIZE_TAG: str(cfg.data.batch_size),
-            "global_batch_size": str(global_batch), "world_size": str(world), tracking.STATUS_TAG: tracking.RUNNING}
+            "global_batch_size": str(global_batch), "world_size": str(world),
+            # what one (virtual) device normalises
+            tracking.STATS_BATCH_SIZE_TAG: str(cfg.data.batch_size // cfg.trainer.virtual_devices),
+            tracking.STATUS_TAG: tracking.RUNNING}
     try:
         client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
         previous = None
@@ -227,13 +236,20 @@ def _finish(run: _Prepared, trainer: pl.Trainer, logger: MLFlowLogger, client: M
         # training stopped away from a validation (max_steps inside an epoch): the final weights still get one
         (final,) = trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in final.items()})
+    if not guard.diverged and run.cfg.trainer.limit_val_batches != 0 and list(run.cfg.eval.norm_stats) != ["running"]:
+        by_stats = evaluate_norm_stats(trainer, run.module, run.datamodule, run.cfg)
+        logger.log_metrics(by_stats, step=trainer.global_step)
+        metrics.update(by_stats)
     metrics["diverged"] = float(guard.diverged)
     if guard.diverged:
         metrics["diverged_step"] = float(guard.diverged_step)
-    result = RunResult(run_id=None, run_key=run.key, status=status, metrics=metrics, run_dir=str(run.run_dir))
+    outcome = classify(guard.diverged_step, guard.tripped, run.history.accuracies, run.datamodule.num_classes)
+    result = RunResult(run_id=None, run_key=run.key, status=status, metrics=metrics, run_dir=str(run.run_dir),
+                       outcome=asdict(outcome))
     if trainer.is_global_zero:
         result.run_id = logger.run_id
         client.set_tag(result.run_id, tracking.STATUS_TAG, status)
+        client.set_tag(result.run_id, tracking.OUTCOME_TAG, outcome.kind)
         run.result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 

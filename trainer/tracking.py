@@ -34,6 +34,8 @@ STATUS_TAG = "normlab.status"
 NORM_TAG = "norm"
 NORM_NAME_TAG = "norm_name"
 BATCH_SIZE_TAG = "batch_size"
+STATS_BATCH_SIZE_TAG = "stats_batch_size"  # the batch one (virtual) device normalises
+OUTCOME_TAG = "normlab.outcome"  # trainer.outcome's class; normlab.status only says whether the run is over
 KIND_TAG, REPORT_KIND = "normlab.kind", "report"
 
 RUNNING, FINISHED, DIVERGED = "running", "finished", "diverged"

@@ -85,8 +85,12 @@ def test_multi_device_runs_need_slurm_with_one_task_per_device(write_sweep):
 
 def test_shipped_sweep_files_load(tmp_path):
     demo = load_sweep(REPO / "configs" / "sweeps" / "demo.yaml")
-    assert len(demo.runs) == 20 and demo.executor.kind == "local"
-    assert {r.norm for r in demo.runs} >= {"bn", "frn", "none"} and {r.batch_size for r in demo.runs} == {2, 8, 32, 128}
+    assert len(demo.runs) == 45 and demo.executor.kind == "local"
+    assert {r.norm.partition(":")[0] for r in demo.runs} == {"bn", "bgn", "brn", "gn", "frn", "none"}
+    # the GN paper's protocol: one global batch, the statistics batch set by the virtual devices, one step budget
+    configs = [r.cfg for r in demo.runs]
+    assert {c.data.batch_size for c in configs} == {32} and {c.trainer.max_steps for c in configs} == {352}
+    assert {32 // c.trainer.virtual_devices for c in configs} == {2, 4, 8, 32}
     # The CIFAR sweeps name data/cifar10 under the current directory: give them the file names they check.
     cifar = tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
