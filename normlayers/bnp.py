@@ -257,13 +257,14 @@ class BNPreconditioner:
         device = next((p[1].device for p in (la.pending for la in layers) if p is not None), None)
         if device is None:
             device = layers[0].module.weight.device if layers else torch.device("cpu")
-        counts, means, m2s = [], [], []
+        counts, means, m2s, dtypes = [], [], [], []
         for la in layers:  # every registered layer takes part, with zeros where this rank saw none
             n, mean, var = la.pending or (0.0, torch.zeros(la.features, device=device),
                                           torch.zeros(la.features, device=device))
             counts.append(torch.tensor([n], dtype=torch.float64, device=device))
             means.append(mean.double() * n)
             m2s.append((mean.double(), var.double() * n, n))
+            dtypes.append(mean.dtype if la.pending is not None else torch.float32)
             la.pending = None
         sizes = [la.features for la in layers]
         packed = torch.cat(counts + means)
@@ -279,9 +280,8 @@ class BNPreconditioner:
         out = []
         for i, (la, m2) in enumerate(zip(layers, torch.split(packed_m2, sizes), strict=True)):
             n = float(total_n[i])
-            if n > 0:
-                dtype = torch.float64 if la.mean is not None and la.mean.dtype == torch.float64 else torch.float32
-                out.append((la, n, (global_means[i] / n).to(dtype), (m2 / n).to(dtype)))
+            if n > 0:  # in the dtype of this rank's inputs (float64 stays float64)
+                out.append((la, n, (global_means[i] / n).to(dtypes[i]), (m2 / n).to(dtypes[i])))
         return out
 
     @torch.no_grad()
