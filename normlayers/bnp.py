@@ -85,6 +85,11 @@ from torch import Tensor, nn
 from normlayers.base import check_eps_momentum
 from normlayers.stats import _var_mean
 
+DEFAULT_MOMENTUM = 0.1
+DEFAULT_EPS = 0.1
+DESCRIPTION = ("Batch Normalization Preconditioning (Lange et al. 2022): no layer; every conv and linear layer's "
+               "gradients conditioned as on inputs normalised by running statistics, at any batch size")
+
 #: the layer types BNP registers on, by the names ``skip`` accepts
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "linear": nn.Linear,
@@ -103,9 +108,11 @@ def _type_name(module: nn.Module) -> str | None:
 
 def check_options(momentum: float, eps: float, skip: Iterable[str]) -> tuple[str, ...]:
     """One clear ``ValueError`` for a bad option; returns ``skip`` as a tuple of layer-type names."""
-    if momentum is None or isinstance(momentum, bool):
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise ValueError(f"bnp: momentum must be a number in [0, 1], got {momentum!r}")
-    check_eps_momentum("bnp", eps, momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bnp: momentum must be in [0, 1] (1: the current batch alone), got {momentum}")
+    check_eps_momentum("bnp", eps)
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
@@ -212,7 +219,8 @@ class BNPreconditioner:
     takes the hooks off. Layers are named by their path in ``model`` (the keys of the state).
     """
 
-    def __init__(self, model: nn.Module, momentum: float = 0.1, eps: float = 1e-5, skip: Iterable[str] = (),
+    def __init__(self, model: nn.Module, momentum: float = DEFAULT_MOMENTUM, eps: float = DEFAULT_EPS,
+                 skip: Iterable[str] = (),
                  process_group: Any = None):
         self.skip = check_options(momentum, eps, skip)
         self.momentum, self.eps, self.process_group = float(momentum), float(eps), process_group

@@ -14,7 +14,8 @@ biases; linear warm-up; cosine, step or constant schedule; the lr optionally sca
 the global batch), and logs ``train_loss``, ``train_acc`` (epoch means), ``val_loss``, ``val_acc``,
 ``val_acc_top5`` (more than 5 classes) and ``lr`` (every ``trainer.log_every_n_steps`` steps).
 With ``probes.fisher_every_n_steps > 0`` it brings its own :class:`~trainer.probes.FisherProbe`
-callback (``configure_callbacks``), so the probe comes with the module wherever it is trained.
+callback (``configure_callbacks``), so the probe comes with the module wherever it is trained;
+so does ``optim.precondition=bnp``'s :class:`~trainer.precondition.BNPCallback`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from normlayers import NormLayer
 from trainer.models import build_model
+from trainer.precondition import preconditioner_callbacks
 from trainer.probes import FisherProbe
 
 
@@ -91,9 +93,9 @@ class NormClassifier(pl.LightningModule):
         probes, optim = self.config["probes"], self.config["optim"]
         every = probes.get("fisher_every_n_steps", 0)
         if not every:
-            return []
+            return preconditioner_callbacks(self.config)
         return [FisherProbe(every, probes["fisher_iterations"], probes["fisher_batch"], optim["momentum"],
-                            optim["nesterov"], self.config["seed"])]
+                            optim["nesterov"], self.config["seed"])] + preconditioner_callbacks(self.config)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
