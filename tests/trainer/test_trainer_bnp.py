@@ -39,10 +39,15 @@ def test_bad_options_are_one_line_and_exit_2(override, expected, capsys):
     assert not Path("runs").exists() and not Path("mlflow.db").exists()  # nothing half-done
 
 
-def test_bn_at_batch_1_refuses_with_its_clear_error(capsys):
-    assert main([*TINY, "model.norm=bn", "data.batch_size=1", "trainer.max_steps=2"]) == 2
+def test_bn_at_batch_1_refuses_where_bnp_trains(tmp_path, capsys):
+    """On an MLP (features N x C) BN at batch 1 has one value per statistic and refuses; BNP trains.
+    (On a ResNet's convs BN at batch 1 takes its statistics over the positions and runs.)"""
+    mlp = ["model.arch=mlp", "model.depth=2", "model.width=32", "data.batch_size=1", "trainer.max_steps=5",
+           "trainer.max_epochs=-1", "trainer.limit_val_batches=1", *TINY[1:], f"output.root={tmp_path}"]
+    assert main([*mlp, "model.norm=bn"]) == 2
     err = capsys.readouterr().err
     assert "more than one value per statistic" in err and err.count("\n") == 1
+    assert main([*mlp, "model.norm=none", "optim.precondition=bnp"]) == 0, capsys.readouterr().err
 
 
 def _ckpt(run_dir: str) -> dict:
