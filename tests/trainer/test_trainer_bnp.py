@@ -62,7 +62,7 @@ def test_bnp_run_is_tracked_and_resumes_exactly(tmp_path, shared_uri, crash_at):
     assert whole.status == "finished"
     params = MlflowClient(shared_uri).get_run(whole.run_id).data.params
     assert (params["optim.precondition"], params["optim.bnp_momentum"], params["optim.bnp_eps"]) == \
-        ("bnp", "0.05", "1e-05")
+        ("bnp", "0.05", "0.1")
     cfg = load_config(None, [*overrides, f"output.root={tmp_path / 'parts'}"])
     with pytest.raises(RuntimeError, match="simulated preemption"):
         train(cfg, callbacks=[crash_at(step=30)])  # in epoch 2: last.ckpt is from the end of epoch 1
