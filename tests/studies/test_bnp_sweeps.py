@@ -40,3 +40,13 @@ def test_report_labels():
     assert norm_label("bn", {"optim.precondition": "bnp"}) == "bn+bnp"
     assert norm_label("none", {"optim.precondition": "none"}) == "none"
     assert norm_label("none", {}) == "none"  # runs from before the option
+
+
+def test_normlab_norms_lists_bnp_with_its_options(capsys):
+    from cluster.norms_cli import main
+
+    assert main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.startswith("bnp ")]
+    assert "Batch Normalization Preconditioning" in lines[at] and "optim.precondition=bnp" in lines[at]
+    assert lines[at + 1].split("options: ")[1] == "optim.bnp_momentum=0.1, optim.bnp_eps=0.1, optim.bnp_skip=()"
