@@ -54,6 +54,12 @@ Running statistics
     gradients are rewritten. Forwards in eval mode or under ``no_grad`` are not counted, nor are
     forwards of copies of the model.
 
+eps (default 0.1, not BN's 1e-5)
+    ``eps`` floors the variance a feature is normalised by: a feature whose RMS is below
+    ``sqrt(eps)`` has its gradient amplified by at most ``1 / eps``. Rarely active ReLU channels have
+    running second moments down to 1e-22; with 1e-5 their steps were amplified up to 1e5 and
+    training at batch 1 diverged on digits at every learning rate tried (docs/studies.md).
+
 Numerics
     Statistics are taken in float32 with autocast off (float64 inputs keep float64), the
     preconditioning in the statistics' dtype; the result is written back into ``.grad`` in its dtype.
