@@ -101,7 +101,8 @@ def _at_chance(val_acc: float | None, num_classes: str | None) -> bool:
 def norm_label(norm: str, params: dict[str, str]) -> str:
     """What a line of the report stands for: the norm spec, plus what else changes how it normalises
     (synchronised statistics, an initial scale other than 1, placement other than every site), so
-    syncbn is not merged into bn, nor `final` into `all`."""
+    syncbn is not merged into bn, nor `final` into `all`; runs with ``optim.precondition=bnp`` are
+    ``bnp`` (no norm) or ``<norm>+bnp``, not ``none``."""
     extras = []
     if params.get("trainer.sync_norm", "False").lower() == "true":
         extras.append("sync")
@@ -112,6 +113,8 @@ def norm_label(norm: str, params: dict[str, str]) -> str:
     placement = params.get("model.norm_placement", "all")
     if placement != "all" and normalises:
         extras.append(f"placement={placement}")
+    if params.get("optim.precondition", "none") == "bnp":  # BNP: no norm layer, preconditioned gradients
+        norm = "bnp" if norm == "none" or placement == "none" else f"{norm}+bnp"
     return f"{norm} ({', '.join(extras)})" if extras else norm
 
 

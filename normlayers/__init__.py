@@ -3,6 +3,8 @@
 Pure PyTorch. ``build_norm(spec, num_features)`` builds any registered variant from a spec
 (``"bn"``, ``"gn:groups=8"``, ``{"name": "bgn", "groups": 8}``); ``NormSpec.parse(spec)`` parses
 and checks one without building it; ``available()`` lists them.
+``BNPreconditioner(model)`` is Batch Normalization Preconditioning: no layer, the gradients of
+every conv and linear layer conditioned as BN would condition them (:mod:`normlayers.bnp`).
 """
 
 from normlayers import batchgroup as _batchgroup  # noqa: F401
@@ -25,6 +27,7 @@ from normlayers import whitening as _whitening  # noqa: F401
 from normlayers.agc import adaptive_clip_grad_, unitwise_norm
 from normlayers.base import NormLayer
 from normlayers.binary import BinaryConv2d, RPReLU, RSign, approx_sign, binarize_weight
+from normlayers.bnp import BNPreconditioner
 from normlayers.frozen import freeze_norms, unfreeze_norms
 from normlayers.kalman import link_kalman_layers
 from normlayers.precise import precise_stats
@@ -46,6 +49,7 @@ __all__ = [
     "standardize_weights",
     "trainable_weight",
     "unitwise_norm",
+    "BNPreconditioner",
     "NormInfo",
     "NormLayer",
     "NormSpec",

@@ -101,6 +101,12 @@ class OptimConfig:
     step_gamma: float = _opt(0.1, "step schedule: factor at each milestone")
     lr_scaling: str = _opt("none", "none | linear (lr * global_batch / base_batch_size, Goyal et al. 2017)")
     base_batch_size: int = _opt(128, "global batch size the lr is given for under lr_scaling=linear")
+    precondition: str = _opt("none", "none | bnp (Batch Normalization Preconditioning, Lange et al. 2022: every conv "
+                                     "and linear layer's gradients conditioned as on normalised inputs)")
+    bnp_momentum: float = _opt(normlayers.bnp.DEFAULT_MOMENTUM, "bnp: weight of a step's batch in the running "
+                                                                "input statistics, in [0, 1]")
+    bnp_eps: float = _opt(normlayers.bnp.DEFAULT_EPS, "bnp: added to the input variance, > 0")
+    bnp_skip: list[str] = _opt([], "bnp: layer types left plain (linear, conv1d, conv2d, conv3d)")
 
 
 @dataclass
@@ -193,6 +199,7 @@ CHOICES = {
     "model.binary": BINARY_MODES,
     "trainer.gradient_clip_algorithm": ("norm", "value", "agc"),
     "optim.lr_scaling": ("none", "linear"),
+    "optim.precondition": ("none", "bnp"),
     "trainer.precision": ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
 }
 
@@ -323,6 +330,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.norm_stats: a list of distinct {', '.join(NORM_STATS)}, got {kinds}")
     if cfg.eval.precise_batches < 1:
         raise ConfigError(f"eval.precise_batches: must be >= 1, got {cfg.eval.precise_batches}")
+    if o.precondition == "bnp":
+        try:
+            normlayers.bnp.check_options(o.bnp_momentum, o.bnp_eps, list(o.bnp_skip))
+        except ValueError as e:
+            msg = str(e).removeprefix("bnp: ")
+            raise ConfigError(f"optim.bnp_{msg.split()[0]}: {msg}") from None
+        if o.bnp_momentum == 1 and d.batch_size == 1:
+            raise ConfigError("optim.bnp_momentum: 1 takes each batch's statistics alone, and data.batch_size=1 "
+                              "gives one value per input feature of the linear layers; use a momentum < 1")
     if t.max_epochs < 1 and t.max_steps < 1:
         raise ConfigError("trainer.max_epochs: give max_epochs >= 1 or max_steps >= 1")
     check_binary_recipe(cfg)

@@ -18,14 +18,15 @@ against a trained run (:mod:`trainer.distill`, logged as ``train_kd_loss``), ``m
 from another run's weights (:mod:`trainer.checkpoints`), and ``trainer.gradient_clip_algorithm=agc``
 clips adaptively in :meth:`NormClassifier.configure_gradient_clipping` (:mod:`normlayers.agc`).
 With ``probes.fisher_every_n_steps > 0`` it brings its own :class:`~trainer.probes.FisherProbe`
-callback (``configure_callbacks``), so the probe comes with the module wherever it is trained.
+callback (``configure_callbacks``), so the probe comes with the module wherever it is trained;
+so does ``optim.precondition=bnp``'s :class:`~trainer.precondition.BNPCallback`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -41,6 +42,7 @@ from trainer.checkpoints import init_from
 from trainer.config import OptimConfig
 from trainer.distill import Teacher, distribution_loss
 from trainer.models import build_model, classifier
+from trainer.precondition import preconditioner_callbacks
 from trainer.probes import FisherProbe
 
 
@@ -96,15 +98,18 @@ class NormClassifier(pl.LightningModule):
     ``optim.base_batch_size``: no scaling); ``channels_last``: NHWC memory format; ``fisher``:
     ``{"every_n_steps", "iterations", "batch"}`` of the Fisher probe, or None; ``seed``: the probe's;
     ``teacher``: a frozen network whose logits the student matches (:mod:`trainer.distill`) instead of
-    the labels; ``agc_clip``: lambda of adaptive gradient clipping (every layer but the classifier).
+    the labels; ``agc_clip``: lambda of adaptive gradient clipping (every layer but the classifier);
+    ``gradient_callbacks``: callbacks that come with the module and condition its gradients (e.g.
+    :class:`~trainer.precondition.BNPCallback`).
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], num_classes: int,
                  optim: Mapping[str, Any] | None = None, batch_size: int | None = None, channels_last: bool = False,
                  fisher: Mapping[str, int] | None = None, seed: int = 0,
-                 teacher: Callable[[Tensor], Tensor] | None = None, agc_clip: float | None = None):
+                 teacher: Callable[[Tensor], Tensor] | None = None, agc_clip: float | None = None,
+                 gradient_callbacks: Sequence[pl.Callback] = ()):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "teacher"], logger=False)  # MLflow params: logged by the runner
+        self.save_hyperparameters(ignore=["model", "teacher", "gradient_callbacks"], logger=False)  # MLflow params: logged by the runner
         self.optim = optim_settings(optim)
         self.batch_size = batch_size or self.optim["base_batch_size"]
         self.fisher = dict(fisher) if fisher else None
@@ -112,6 +117,7 @@ class NormClassifier(pl.LightningModule):
         self.model = model if isinstance(model, nn.Module) else model()
         self.teacher = teacher
         self.agc_clip = agc_clip
+        self.gradient_callbacks = tuple(gradient_callbacks)
         self.channels_last = channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -139,17 +145,18 @@ class NormClassifier(pl.LightningModule):
         agc_clip = t["gradient_clip_val"] if t.get("gradient_clip_algorithm") == "agc" else None
         module = cls(model, num_classes, optim=config["optim"], batch_size=config["data"]["batch_size"],
                      channels_last=bool(t["channels_last"]), fisher=fisher, seed=config["seed"], teacher=teacher,
-                     agc_clip=agc_clip)
+                     agc_clip=agc_clip, gradient_callbacks=preconditioner_callbacks(config))
         # checkpoints carry the run's config, so that trainer.checkpoints can rebuild the network
         module.hparams.update(config=config, in_channels=in_channels, image_size=image_size)
         return module
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        if not self.fisher:
-            return []
-        f, optim = self.fisher, self.optim
-        return [FisherProbe(f["every_n_steps"], f["iterations"], f["batch"], optim["momentum"], optim["nesterov"],
-                            self.seed)]
+        fisher = []
+        if self.fisher:
+            f, optim = self.fisher, self.optim
+            fisher = [FisherProbe(f["every_n_steps"], f["iterations"], f["batch"], optim["momentum"],
+                                  optim["nesterov"], self.seed)]
+        return fisher + list(self.gradient_callbacks)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
