@@ -109,7 +109,8 @@ class NormClassifier(pl.LightningModule):
                  teacher: Callable[[Tensor], Tensor] | None = None, agc_clip: float | None = None,
                  gradient_callbacks: Sequence[pl.Callback] = ()):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "teacher", "gradient_callbacks"], logger=False)  # MLflow params: logged by the runner
+        # MLflow params are logged by the runner
+        self.save_hyperparameters(ignore=["model", "teacher", "gradient_callbacks"], logger=False)
         self.optim = optim_settings(optim)
         self.batch_size = batch_size or self.optim["base_batch_size"]
         self.fisher = dict(fisher) if fisher else None
