@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Stop the single-node Slurm cluster started by start.sh in DIR (its jobs die with it).
+# Stop the Slurm cluster started by start.sh in DIR (its jobs die with it) and remove its /etc/hosts lines.
 set -uo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 2; }
-DIR=$1
-[ -d "$DIR" ] || { echo "stop.sh: no such directory $DIR" >&2; exit 2; }
+[ -d "$1" ] || { echo "stop.sh: no such directory $1" >&2; exit 2; }
+DIR=$(cd "$1" && pwd)
+HOSTS_MARK="# normlab-slurm <$DIR>"
 stop_pid_file() {
   local file=$1 pid
   [ -f "$file" ] || return 0
@@ -19,7 +20,16 @@ stop_pid_file() {
 if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
   SLURM_CONF=$DIR/etc/slurm.conf scancel --user="$(id -un)" >/dev/null 2>&1 && sleep 1
 fi
-stop_pid_file "$DIR/run/slurmd.pid"
+# One slurmd (run/slurmd.pid) or one per node (run/slurmd-NAME.pid).
+for file in "$DIR"/run/slurmd.pid "$DIR"/run/slurmd-*.pid; do stop_pid_file "$file"; done
 stop_pid_file "$DIR/run/slurmctld.pid"
 stop_pid_file "$DIR/munge/munged.pid"
+if grep -qF "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
+  exec 9< /etc/hosts
+  flock 9
+  grep -vF "$HOSTS_MARK" /etc/hosts > "$DIR/run/hosts.new"
+  cat "$DIR/run/hosts.new" > /etc/hosts
+  rm -f "$DIR/run/hosts.new"
+  flock -u 9; exec 9<&-
+fi
 echo "Slurm in $DIR stopped."
