@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
 from trainer.config import DEFAULT_TRACKING_URI, ConfigError, flatten, norm_spec_text, run_key, validated
 from trainer.data import build_datamodule
+from trainer.distributed import NodeNames, ResumedMLFlowLogger
 from trainer.module import NormClassifier, effective_lr
 
 CHECKPOINT = "last.ckpt"
@@ -117,8 +118,9 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # every rank gets the logger; its methods act on global rank 0 only
-    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_name=cfg.tracking.run_name,
-                          tags=tags, run_id=previous, log_model=cfg.tracking.log_checkpoints)
+    logger = ResumedMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
+                                 run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
+                                 log_model=cfg.tracking.log_checkpoints)
     if trainer.is_global_zero:
         run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
         if previous is None:
@@ -180,6 +182,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
                                                 cfg.probes.gradients)]
     if not interactive:
         all_callbacks.append(EpochLines())
+    all_callbacks.append(NodeNames())
     all_callbacks += callbacks or []
     plugins = slurm_plugins()
     if cfg.trainer.sync_norm:
