@@ -60,11 +60,13 @@ fi
 [ "${#PORTS[@]}" -eq "$NODES" ] || { echo "start.sh: --d-port gives ${#PORTS[@]} ports for $NODES nodes; give one, or one per node" >&2; exit 2; }
 NAMES=(); ADDRS=()
 if [ "$NODES" -eq 1 ]; then
-  NAMES=("$HOST"); ADDRS=(127.0.0.1)
+  NAMES=("$HOST"); ADDRS=(127.0.0.1); FIRST_JOB_ID=1
   SLURMD_PID=$DIR/run/slurmd.pid; SLURMD_SPOOL=$DIR/state/slurmd; SLURMD_LOG=$DIR/log/slurmd.log
 else
   # Letters only, from DIR: Slurm's host lists then read as <prefix>[1-N].
-  PREFIX=nl$(printf '%s' "$DIR" | md5sum | head -c 5 | tr '0-9a-f' 'a-p')
+  HASH=$(printf '%s' "$DIR" | md5sum | head -c 5)
+  PREFIX=nl$(printf '%s' "$HASH" | tr '0-9a-f' 'a-p')
+  FIRST_JOB_ID=$(( (16#$HASH % 9 + 1) * 1000 ))
   for i in $(seq 1 "$NODES"); do NAMES+=("$PREFIX$i"); ADDRS+=("127.0.0.$(( i + 1 ))"); done
   # %n: each slurmd its own pid file, spool directory and log (Slurm's multiple-slurmd set-up).
   SLURMD_PID=$DIR/run/slurmd-%n.pid; SLURMD_SPOOL=$DIR/state/slurmd-%n; SLURMD_LOG=$DIR/log/slurmd-%n.log
@@ -89,7 +91,7 @@ sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@USER@|$(id -un)|g" \
     -e "s|@MAX_ARRAY_SIZE@|$MAX_ARRAY_SIZE|g" -e "s|@MAX_JOB_COUNT@|$MAX_JOB_COUNT|g" \
     -e "s|@PARTITION@|$PARTITION|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@D_PORT@|${PORTS[0]}|g" \
     -e "s|@SLURMD_PID@|$SLURMD_PID|g" -e "s|@SLURMD_SPOOL@|$SLURMD_SPOOL|g" -e "s|@SLURMD_LOG@|$SLURMD_LOG|g" \
-    -e "s|@SLURMD_TIMEOUT@|$SLURMD_TIMEOUT|g" -e "s|@NODE_NAMES@|$NODE_LIST|g" \
+    -e "s|@SLURMD_TIMEOUT@|$SLURMD_TIMEOUT|g" -e "s|@FIRST_JOB_ID@|$FIRST_JOB_ID|g" -e "s|@NODE_NAMES@|$NODE_LIST|g" \
     -e "/@NODE_LINES@/{r $DIR/etc/nodes.conf" -e "d}" \
     "$HERE/slurm.conf.in" > "$DIR/etc/slurm.conf"
 export SLURM_CONF=$DIR/etc/slurm.conf
