@@ -29,8 +29,9 @@ TWO_NODES = {
     "trainer.deterministic": True,
 }
 EXECUTOR = {"kind": "slurm", "nodes": 2, "tasks_per_node": 1, "timeout_min": 10}
-# 1600 training images / global batch 8 = 200 steps an epoch, limited to 60: three checkpoints.
-LONG = {"data.synthetic.samples": 2000, "trainer.max_epochs": 3, "trainer.limit_train_batches": 60,
+# 1600 training images / global batch 8 = 200 steps an epoch, limited to 120 (a few seconds): three epochs.
+STEPS_PER_EPOCH = 120
+LONG = {"data.synthetic.samples": 2000, "trainer.max_epochs": 3, "trainer.limit_train_batches": STEPS_PER_EPOCH,
         "trainer.limit_val_batches": 2}
 
 
@@ -113,59 +114,75 @@ def _job_pids(job_id: str, node: str) -> list[int]:
     return tasks + sorted(steps)
 
 
-def _resumed_with_the_full_step_count(sweep, run, job, waiter):
-    _wait_done(sweep, run.key, waiter, "the resumed run finished")
-    log = Path(job.stderr).read_text()
-    assert f"resuming run {run.key} from" in log, log[-3000:]
-    (tracked,) = _mlflow_runs(sweep)  # the same MLflow run, interrupted and resumed
-    assert tracked.info.status == "FINISHED" and tracked.data.tags["normlab.status"] == "finished"
-    whole = _reference(run, "whole", ["trainer.num_nodes=1", "trainer.strategy=auto", "data.batch_size=8"])
-    ckpt = torch.load(Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == torch.load(Path(whole.run_dir) / "checkpoints" / "last.ckpt",
-                                             weights_only=False)["global_step"] == 180
+def _epoch_logged(sweep, run, epoch: int, waiter) -> None:
+    """Wait until `epoch` is over: its checkpoint written and its training metrics in MLflow (they follow
+    the checkpoint), so that an interruption now falls inside the next epoch."""
+    run_dir = Path(run.cfg.output.root) / run.key
     client = MlflowClient(sweep.tracking_uri)
-    reference = MlflowClient(sweep.tracking_uri).get_run(whole.run_id)
-    assert set(tracked.data.metrics) == set(reference.data.metrics)
-    for key in reference.data.metrics:  # every step once, as in the uninterrupted run
-        steps = sorted(m.step for m in client.get_metric_history(tracked.info.run_id, key))
-        assert steps == sorted(m.step for m in client.get_metric_history(whole.run_id, key)), key
-    return tracked
+    last_step = epoch * STEPS_PER_EPOCH - 1
+
+    def logged():
+        if not (run_dir / "mlflow_run_id").is_file() or not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            return False
+        run_id = (run_dir / "mlflow_run_id").read_text().strip()
+        return any(m.step == last_step for m in client.get_metric_history(run_id, "train_loss"))
+
+    waiter(logged, 240, f"epoch {epoch}'s checkpoint and metrics", interval=0.2)
 
 
-def test_a_lost_node_resumes_into_the_same_mlflow_run(multinode_cluster, write_sweep, waiter, capsys):
+def _requeued(job, waiter, what: str) -> None:
+    waiter(lambda: [job.job_id, "PENDING"] in _squeue("%i", "%T"), 120, what, interval=0.2)
+
+
+def _release(job) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)  # Slurm's requeue hold
+
+
+def test_a_preempted_job_then_a_lost_node_each_resume_into_the_same_mlflow_run(multinode_cluster, write_sweep,
+                                                                               waiter, capsys):
     names, root = multinode_cluster
-    path, sweep, run, job = _submit(write_sweep, "lost-node", LONG)
-    checkpoint = Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt"
-    waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
-    # The second node crashes: its slurmd and the job's processes on it die at once, without a signal.
+    path, sweep, run, job = _submit(write_sweep, "interrupted", LONG)
+    _epoch_logged(sweep, run, 1, waiter)
+    # Preemption: what Slurm sends before the time limit or on preemption; submitit's handler on rank 0
+    # requeues the job.
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    _requeued(job, waiter, "submitit to requeue the preempted job")
+    _release(job)
+    _epoch_logged(sweep, run, 2, waiter)
+    log = Path(job.stderr).read_text()
+    assert "Caught signal SIGUSR2" in log and f"resuming run {run.key} from" in log, log[-3000:]
+
+    # A lost node: the second node's slurmd and the job's processes on it die at once, without a signal.
     lost = names[1]
-    victims = [int((root / "run" / f"slurmd-{lost}.pid").read_text())] + _job_pids(job.job_id, lost)
-    for pid in victims:
+    for pid in [int((root / "run" / f"slurmd-{lost}.pid").read_text()), *_job_pids(job.job_id, lost)]:
         os.kill(pid, 9)
-    # Slurm finds the node unresponsive after SlurmdTimeout, marks it DOWN and requeues the batch job.
-    waiter(lambda: [job.job_id, "PENDING"] in _squeue("%i", "%T"), 120, "Slurm to requeue the job", interval=0.5)
+    # Slurm finds the node unresponsive after SlurmdTimeout, marks it DOWN, ends the job on the other node
+    # and requeues it (a batch job is requeued after a node failure by default).
+    _requeued(job, waiter, "Slurm to requeue the job that lost a node")
     capsys.readouterr()
     assert sweep_cli.main(["status", str(path)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(job.job_id))
-    assert "PENDING, requeued 1x" in line, line
+    assert "PENDING, requeued 2x" in line, line
     # The node comes back (ReturnToService=2 puts it in service when its slurmd registers again).
     subprocess.run(["slurmd", "-f", os.environ["SLURM_CONF"], "-N", lost], check=True)
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)  # Slurm's requeue hold
-    tracked = _resumed_with_the_full_step_count(sweep, run, job, waiter)
-    assert tracked.data.tags["nodes"] == ",".join(names)
+    _release(job)
+    _wait_done(sweep, run.key, waiter, "the twice-resumed run finished")
 
-
-def test_a_preempted_two_node_job_resumes_into_the_same_mlflow_run(multinode_cluster, write_sweep, waiter):
-    path, sweep, run, job = _submit(write_sweep, "preempt-2", LONG)
-    checkpoint = Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt"
-    waiter(checkpoint.is_file, 180, "the first epoch's checkpoint", interval=0.2)
-    # What Slurm sends on preemption or before the time limit: submitit's handler on rank 0 requeues the job.
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    waiter(lambda: [job.job_id, "PENDING"] in _squeue("%i", "%T"), 60, "the job to be requeued", interval=0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
-    _resumed_with_the_full_step_count(sweep, run, job, waiter)
     log = Path(job.stderr).read_text()
-    assert "Caught signal SIGUSR2" in log and "DUE TO JOB REQUEUE" in log, log[-2000:]
+    assert log.count(f"resuming run {run.key} from") == 2, log[-3000:]
+    (tracked,) = _mlflow_runs(sweep)  # one MLflow run, interrupted twice and resumed
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["normlab.status"] == "finished"
+    assert tracked.data.tags["nodes"] == ",".join(names)
+    whole = _reference(run, "whole", ["trainer.num_nodes=1", "trainer.strategy=auto", "data.batch_size=8"])
+    ckpt = torch.load(Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt", weights_only=False)
+    reference = torch.load(Path(whole.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == reference["global_step"] == 3 * STEPS_PER_EPOCH
+    client = MlflowClient(sweep.tracking_uri)
+    metrics = client.get_run(whole.run_id).data.metrics
+    assert set(tracked.data.metrics) == set(metrics)
+    for key in metrics:  # every step logged once, as in the uninterrupted run
+        steps = sorted(m.step for m in client.get_metric_history(tracked.info.run_id, key))
+        assert steps == sorted(m.step for m in client.get_metric_history(whole.run_id, key)), key
 
 
 def _processes_of(slurm_id: str) -> list[int]:
