@@ -5,9 +5,10 @@ same training step (a CIFAR ResNet with BN, SGD, random 16x16 images, gloo on CP
 ``srun -N 2 --ntasks-per-node 1``, ``srun -N 1 --ntasks-per-node 2`` and one plain process, in
 interleaved rounds. Ranks and the rendezvous address come from Lightning's SLURMEnvironment, as in a
 normlab job. Each task times steps with DDP's gradient all-reduce and steps under ``no_sync()``
-(the same work without it), alternately; the collectives' share of a step is
-1 - (step without all-reduce) / (step with it). Prints median step times, the ratios to the
-1-process step and the collectives' share.
+(the same work without it), alternately, and one all-reduce of all the gradients on its own; the
+collectives' share of a step is 1 - (step without all-reduce) / (step with it) (what the step pays,
+DDP overlapping part of it with backward) and (the all-reduce alone) / (step). Prints median step
+times, the ratios to the 1-process step and both shares.
 
     .venv/bin/python benchmarks/ddp_scale.py [--global-batch 64] [--steps 20] [--rounds 3]
 """
@@ -72,15 +73,26 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.step()
         return time.perf_counter() - start
 
+    gradients = torch.zeros(sum(p.numel() for p in model.parameters()))
+
+    def all_reduce() -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(gradients)
+        return time.perf_counter() - start
+
     for _ in range(3):  # warm-up
         step(True)
-    synced, unsynced = [], []
+    synced, unsynced, reduced = [], [], []
     for _ in range(args.steps):
         synced.append(step(True))
         unsynced.append(step(False))
+        if world > 1:
+            reduced.append(all_reduce())
     if rank == 0:
         print("RESULT " + json.dumps({"world": world, "synced": statistics.median(synced),
                                       "unsynced": statistics.median(unsynced),
+                                      "all_reduce": statistics.median(reduced) if reduced else 0.0,
                                       "nodes": os.environ.get("SLURM_JOB_NODELIST", "-")}), flush=True)
     if world > 1:
         dist.destroy_process_group()
@@ -132,12 +144,17 @@ def main() -> int:
     anchor = statistics.median(r["synced"] for r in results["1 process"])
     print(f"ddp_scale: cifar_resnet depth {args.depth} width {args.width}, BN, global batch {args.global_batch}, "
           f"gloo on CPU, 1 torch thread per task, {args.rounds} interleaved rounds x {args.steps} steps (medians)")
-    print(f"{'shape':<18} {'step ms':>8} {'vs 1 process':>13} {'no-allreduce ms':>16} {'collectives':>12}  nodes")
+    print(f"{'shape':<18} {'step ms':>8} {'vs 1 process':>13} {'no-allreduce ms':>16} {'share':>6} "
+          f"{'all-reduce ms':>14} {'share':>6}  nodes")
     for name in SHAPES:
         synced = statistics.median(r["synced"] for r in results[name])
+        if results[name][0]["world"] == 1:
+            print(f"{name:<18} {synced * 1e3:8.1f} {synced / anchor:12.2f}x {'-':>16} {'-':>6} {'-':>14} {'-':>6}  -")
+            continue
         unsynced = statistics.median(r["unsynced"] for r in results[name])
-        share = max(0.0, 1 - unsynced / synced) if results[name][0]["world"] > 1 else 0.0
-        print(f"{name:<18} {synced * 1e3:8.1f} {synced / anchor:12.2f}x {unsynced * 1e3:16.1f} {share:11.0%}  "
+        reduced = statistics.median(r["all_reduce"] for r in results[name])
+        print(f"{name:<18} {synced * 1e3:8.1f} {synced / anchor:12.2f}x {unsynced * 1e3:16.1f} "
+              f"{max(0.0, 1 - unsynced / synced):6.0%} {reduced * 1e3:14.1f} {reduced / synced:6.0%}  "
               f"{results[name][0]['nodes']}")
     return 0
 

@@ -44,7 +44,7 @@ done
 [ "$(id -u)" = 0 ] || { echo "start.sh: run as root (slurmd must be able to start jobs as their user)" >&2; exit 1; }
 
 mkdir -p "$DIR"
-DIR=$(cd "$DIR" && pwd)
+DIR=$(realpath "$DIR")  # as stop.sh names it
 HERE=$(cd "$(dirname "$0")" && pwd)
 HOST=$(hostname -s)
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
@@ -97,15 +97,9 @@ sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@USER@|$(id -un)|g" \
 export SLURM_CONF=$DIR/etc/slurm.conf
 
 if [ "$NODES" -gt 1 ]; then
-  # Rewritten in place (not replaced: /etc/hosts may be a bind mount), under a lock other clusters share.
-  exec 9< /etc/hosts
-  flock 9
-  kept=$(grep -vF "$HOSTS_MARK" /etc/hosts || true)
-  { [ -z "$kept" ] || printf '%s\n' "$kept"
-    for i in "${!NAMES[@]}"; do echo "${ADDRS[$i]} ${NAMES[$i]} $HOSTS_MARK"; done; } > "$DIR/run/hosts.new"
-  cat "$DIR/run/hosts.new" > /etc/hosts
-  rm -f "$DIR/run/hosts.new"
-  flock -u 9; exec 9<&-
+  . "$HERE/hosts.sh"
+  added=$(for i in "${!NAMES[@]}"; do echo "${ADDRS[$i]} ${NAMES[$i]} $HOSTS_MARK"; done)
+  rewrite_hosts "$HOSTS_MARK" "$added"
 fi
 
 munged --socket="$DIR/munge/munge.socket.2" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/munge/munged.pid" \

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +66,16 @@ MULTINODE_SLURMD_TIMEOUT = 10  # seconds before a node that stopped answering is
 
 
 @pytest.fixture(scope="session")
-def _multinode_cluster_conf(tmp_path_factory):
+def _multinode_cluster_conf():
     """A running 2-node cluster for the session: (SLURM_CONF, node names, cluster dir)."""
     reason = _missing()
     if reason:
         if os.environ.get("NORMLAB_REQUIRE_SLURM") == "1":
             pytest.fail(f"NORMLAB_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("slurm2")
+    # Not under pytest's basetemp: concurrent pytest sessions on one machine prune each other's old
+    # basetemps, and this cluster's /etc/hosts lines and daemons must be found again by stop.sh.
+    root = Path(tempfile.mkdtemp(prefix="normlab-slurm2-"))
     ports = f"{_free_port()},{_free_port()}"
     start = subprocess.run(
         [str(SCRIPTS / "start.sh"), str(root), "--nodes", "2", "--ctld-port", str(_free_port()), "--d-port", ports,
@@ -88,6 +91,7 @@ def _multinode_cluster_conf(tmp_path_factory):
         yield conf, sorted(set(names)), root
     finally:
         subprocess.run([str(SCRIPTS / "stop.sh"), str(root)], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,13 +25,13 @@ pytestmark = pytest.mark.slurm
 TWO_NODES = {
     "model.norm": "bn", "data.name": "synthetic", "data.synthetic.image_size": 8, "data.synthetic.classes": 4,
     "data.augment": False, "data.val_split": 0.2, "data.batch_size": 4, "optim.warmup_epochs": 0,
-    "trainer.num_nodes": 2, "trainer.devices": 1, "trainer.strategy": "ddp", "trainer.sync_norm": True,
-    "trainer.deterministic": True,
+    "trainer.num_nodes": 2, "trainer.devices": 1, "trainer.strategy": "ddp", "trainer.deterministic": True,
 }
 EXECUTOR = {"kind": "slurm", "nodes": 2, "tasks_per_node": 1, "timeout_min": 10}
-# 1600 training images / global batch 8 = 200 steps an epoch, limited to 120 (a few seconds): three epochs.
-STEPS_PER_EPOCH = 120
-LONG = {"data.synthetic.samples": 2000, "trainer.max_epochs": 3, "trainer.limit_train_batches": STEPS_PER_EPOCH,
+# 800 training images / global batch 8 = 100 steps an epoch, limited to 40 (seconds): interrupted in
+# epochs 2 and 3, epoch 4 to spare.
+STEPS_PER_EPOCH = 40
+LONG = {"data.synthetic.samples": 1000, "trainer.max_epochs": 4, "trainer.limit_train_batches": STEPS_PER_EPOCH,
         "trainer.limit_val_batches": 2}
 
 
@@ -84,7 +84,7 @@ def test_two_node_job_trains_one_run_equal_to_one_process_on_the_concatenated_ba
                                                                                     waiter):
     names, _ = multinode_cluster
     first_step = {"data.synthetic.samples": 40, "trainer.max_steps": 1, "trainer.limit_train_batches": 1,
-                  "trainer.limit_val_batches": 0}
+                  "trainer.limit_val_batches": 0, "trainer.sync_norm": True}
     _, sweep, run, job = _submit(write_sweep, "two-nodes", first_step)
     _wait_done(sweep, run.key, waiter, "the 2-node run finished")
     (tracked,) = _mlflow_runs(sweep)  # one MLflow run: rank 1 logged nothing of its own
@@ -176,7 +176,7 @@ def test_a_preempted_job_then_a_lost_node_each_resume_into_the_same_mlflow_run(m
     whole = _reference(run, "whole", ["trainer.num_nodes=1", "trainer.strategy=auto", "data.batch_size=8"])
     ckpt = torch.load(Path(run.cfg.output.root) / run.key / "checkpoints" / "last.ckpt", weights_only=False)
     reference = torch.load(Path(whole.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == reference["global_step"] == 3 * STEPS_PER_EPOCH
+    assert ckpt["global_step"] == reference["global_step"] == 4 * STEPS_PER_EPOCH
     client = MlflowClient(sweep.tracking_uri)
     metrics = client.get_run(whole.run_id).data.metrics
     assert set(tracked.data.metrics) == set(metrics)
@@ -200,7 +200,7 @@ def _processes_of(slurm_id: str) -> list[int]:
 
 def test_cancel_stops_the_job_on_every_node(multinode_cluster, write_sweep, waiter, capsys):
     names, _ = multinode_cluster
-    path, sweep, run, job = _submit(write_sweep, "cancel-2", {**LONG, "trainer.max_epochs": 50})
+    path, sweep, run, job = _submit(write_sweep, "cancel-2", {**LONG, "trainer.max_epochs": 100})
     capsys.readouterr()
 
     hostlist = subprocess.run(["scontrol", "show", "hostlist", ",".join(names)], capture_output=True, text=True,
