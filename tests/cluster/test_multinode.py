@@ -152,10 +152,9 @@ def test_a_preempted_job_then_a_lost_node_each_resume_into_the_same_mlflow_run(m
     log = Path(job.stderr).read_text()
     assert "Caught signal SIGUSR2" in log and f"resuming run {run.key} from" in log, log[-3000:]
 
-    # A lost node: the second node's slurmd and the job's processes on it die at once, without a signal.
+    # A lost node: the second node crashes.
     lost = names[1]
-    for pid in [int((root / "run" / f"slurmd-{lost}.pid").read_text()), *_job_pids(job.job_id, lost)]:
-        os.kill(pid, 9)
+    _kill_node(root, lost, job)
     # Slurm finds the node unresponsive after SlurmdTimeout, marks it DOWN, ends the job on the other node
     # and requeues it (a batch job is requeued after a node failure by default).
     _requeued(job, waiter, "Slurm to requeue the job that lost a node")
@@ -170,7 +169,17 @@ def test_a_preempted_job_then_a_lost_node_each_resume_into_the_same_mlflow_run(m
 
     log = Path(job.stderr).read_text()
     assert log.count(f"resuming run {run.key} from") == 2, log[-3000:]
-    (tracked,) = _mlflow_runs(sweep)  # one MLflow run, interrupted twice and resumed
+    _one_run_like_the_uninterrupted_one(sweep, run, names)
+
+
+def _kill_node(root: Path, node: str, job) -> None:
+    """The node crashes: its slurmd and the job's processes on it die at once, without a signal."""
+    for pid in [int((root / "run" / f"slurmd-{node}.pid").read_text()), *_job_pids(job.job_id, node)]:
+        os.kill(pid, 9)
+
+
+def _one_run_like_the_uninterrupted_one(sweep, run, names) -> None:
+    (tracked,) = _mlflow_runs(sweep)  # one MLflow run, interrupted and resumed
     assert tracked.info.status == "FINISHED" and tracked.data.tags["normlab.status"] == "finished"
     assert tracked.data.tags["nodes"] == ",".join(names)
     whole = _reference(run, "whole", ["trainer.num_nodes=1", "trainer.strategy=auto", "data.batch_size=8"])
@@ -183,6 +192,34 @@ def test_a_preempted_job_then_a_lost_node_each_resume_into_the_same_mlflow_run(m
     for key in metrics:  # every step logged once, as in the uninterrupted run
         steps = sorted(m.step for m in client.get_metric_history(tracked.info.run_id, key))
         assert steps == sorted(m.step for m in client.get_metric_history(whole.run_id, key)), key
+
+
+def test_a_job_slurm_does_not_requeue_after_a_lost_node_is_sent_again_by_submit(multinode_cluster, write_sweep,
+                                                                                waiter, capsys):
+    names, root = multinode_cluster
+    path = write_sweep("not-requeued", {"seed": [0]}, {**EXECUTOR, "sbatch": {"no-requeue": True}},
+                       overrides={**TWO_NODES, **LONG})
+    assert sweep_cli.main(["submit", str(path)]) == 0
+    sweep = load_sweep(path)
+    (run,), (job,) = sweep.runs, read_record(sweep)
+    _epoch_logged(sweep, run, 1, waiter)
+    _kill_node(root, names[1], job)
+    waiter(lambda: not _squeue("%i"), 120, "Slurm to end the job that lost a node", interval=0.5)
+    capsys.readouterr()
+    assert sweep_cli.main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith(job.job_id))
+    assert "NODE_FAIL" in line and "sweep submit" in line, out
+    assert f"{run.label} {run.key}: job {job.job_id}" in out  # listed under the failed runs
+    subprocess.run(["slurmd", "-f", os.environ["SLURM_CONF"], "-N", names[1]], check=True)
+    assert sweep_cli.main(["submit", str(path)]) == 0  # MLflow says the run is not done: it goes again
+    assert "submitted 1 runs" in capsys.readouterr().out
+    again = read_record(sweep)[-1]
+    assert again.job_id != job.job_id
+    _wait_done(sweep, run.key, waiter, "the run sent again finished")
+    log = Path(again.stderr).read_text()
+    assert f"resuming run {run.key} from" in log, log[-3000:]
+    _one_run_like_the_uninterrupted_one(sweep, run, names)
 
 
 def _processes_of(slurm_id: str) -> list[int]:
