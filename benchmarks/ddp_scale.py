@@ -105,7 +105,12 @@ def _measure(shape: tuple[int, int] | None, args: argparse.Namespace) -> dict:
         nodes, tasks = shape
         command = ["srun", "-N", str(nodes), f"--ntasks-per-node={tasks}", "--cpus-per-task=1",
                    "--job-name=ddp-scale", *command]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # A fresh rendezvous port per launch (Lightning's default derives it from the job id).
+    env = {**os.environ, "MASTER_PORT": str(_free_port())}
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"ddp_scale: {' '.join(command[:4])} did not finish within {args.timeout} s") from None
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"ddp_scale: {' '.join(command[:4])} failed: {(out.stderr or out.stdout)[-1500:]}")
@@ -119,6 +124,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds one launch may take")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
