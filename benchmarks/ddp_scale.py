@@ -95,7 +95,11 @@ def worker(args: argparse.Namespace) -> None:
                                       "all_reduce": statistics.median(reduced) if reduced else 0.0,
                                       "nodes": os.environ.get("SLURM_JOB_NODELIST", "-")}), flush=True)
     if world > 1:
-        dist.destroy_process_group()
+        # Leave together, without tearing gloo down: a rank left in destroy_process_group kept its srun
+        # step alive here (under gVisor) after the results were printed.
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def _measure(shape: tuple[int, int] | None, args: argparse.Namespace) -> dict:
