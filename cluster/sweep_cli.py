@@ -7,7 +7,8 @@ import logging
 import sys
 from collections import Counter, defaultdict
 
-from cluster.dispatch import CATEGORIES, SubmitError, cancel, run_states, submit
+from cluster.dispatch import CATEGORIES, SubmitError, cancel, read_record, run_states, submit
+from cluster.slurm_jobs import slurm_jobs
 from cluster.sweep import Sweep, SweepError, load_sweep
 from cluster.tracking import done_keys
 
@@ -79,7 +80,23 @@ def cmd_status(sweep: Sweep) -> int:
         print(f"\nfailed runs ({len(failed)}); `normlab sweep submit {sweep.path}` sends them again:")
         for state in failed:
             print(f"  {state.run.label} {state.run.key}: job {state.job.job_id}, log {state.job.stderr}")
+    _print_slurm_jobs(sweep)
     return 0
+
+
+def _print_slurm_jobs(sweep: Sweep) -> None:
+    """Each Slurm job of the sweep with its nodes and what became of it (up to LIST_JOBS_UP_TO jobs)."""
+    records = [record for record in read_record(sweep) if record.kind == "slurm"]
+    if not records or len(records) > LIST_JOBS_UP_TO:
+        return
+    known = slurm_jobs()
+    rows = []
+    for record in records:
+        job = known.get(record.job_id)
+        rows.append([record.job_id, job.nodes if job else "-", str(len(record.run_keys)),
+                     job.describe() if job else "gone (ended before Slurm's MinJobAge)"])
+    print("\nSlurm jobs:")
+    print(_table(["job", "nodes", "runs", "state"], rows))
 
 
 def cmd_cancel(sweep: Sweep) -> int:

@@ -32,6 +32,7 @@ from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe, ValidationHistory
 from trainer.config import ConfigError, flatten, run_key, validated
 from trainer.data import build_datamodule
+from trainer.distributed import NodeNames, ResumedMLFlowLogger
 from trainer.module import NormClassifier, effective_lr
 from trainer.norm_eval import evaluate_norm_stats
 from trainer.outcome import classify
@@ -146,6 +147,7 @@ def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool)
                                                 cfg.probes.gradients)]
     if not interactive:
         all_callbacks.append(EpochLines())
+    all_callbacks.append(NodeNames())
     all_callbacks += callbacks
     plugins = slurm_plugins()
     if t.sync_norm:
@@ -199,9 +201,9 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         # every rank gets the logger; its methods act on global rank 0 only
-        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
-                              run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
-                              log_model=cfg.tracking.log_checkpoints)
+        logger = ResumedMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
+                                     run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
+                                     log_model=cfg.tracking.log_checkpoints)
         if trainer.is_global_zero:
             run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
             if previous is None:

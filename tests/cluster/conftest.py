@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +60,46 @@ def slurm_cluster(tmp_path_factory):
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
+
+
+MULTINODE_SLURMD_TIMEOUT = 10  # seconds before a node that stopped answering is DOWN (Slurm's default 300)
+
+
+@pytest.fixture(scope="session")
+def _multinode_cluster_conf():
+    """A running 2-node cluster for the session: (SLURM_CONF, node names, cluster dir)."""
+    reason = _missing()
+    if reason:
+        if os.environ.get("NORMLAB_REQUIRE_SLURM") == "1":
+            pytest.fail(f"NORMLAB_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    # Not under pytest's basetemp: concurrent pytest sessions on one machine prune each other's old
+    # basetemps, and this cluster's /etc/hosts lines and daemons must be found again by stop.sh.
+    root = Path(tempfile.mkdtemp(prefix="normlab-slurm2-"))
+    ports = f"{_free_port()},{_free_port()}"
+    start = subprocess.run(
+        [str(SCRIPTS / "start.sh"), str(root), "--nodes", "2", "--ctld-port", str(_free_port()), "--d-port", ports,
+         "--slurmd-timeout", str(MULTINODE_SLURMD_TIMEOUT)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if start.returncode != 0:
+        pytest.fail(f"cluster/slurm/start.sh --nodes 2 failed: {start.stderr.strip() or start.stdout.strip()}")
+    conf = str(root / "etc" / "slurm.conf")
+    names = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env={**os.environ, "SLURM_CONF": conf},
+                           capture_output=True, text=True, check=True).stdout.split()
+    try:
+        yield conf, sorted(set(names)), root
+    finally:
+        subprocess.run([str(SCRIPTS / "stop.sh"), str(root)], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def multinode_cluster(_multinode_cluster_conf, monkeypatch):
+    """The session's 2-node cluster, its SLURM_CONF set for this test: (node names, cluster dir)."""
+    conf, names, root = _multinode_cluster_conf
+    monkeypatch.setenv("SLURM_CONF", conf)
+    return names, root
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):

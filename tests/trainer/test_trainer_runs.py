@@ -121,6 +121,10 @@ def test_resume_equals_uninterrupted(tmp_path, shared_uri, crash_at):
     assert len(runs) == 2  # the uninterrupted one and the resumed one, not a third
     history = client.get_metric_history(first_id, "val_acc")
     assert sorted(m.step for m in history) == sorted(m.step for m in client.get_metric_history(whole.run_id, "val_acc"))
+    # nothing logged twice: the probes and lr of steps 45-50, redone after the resume, are not logged again
+    for key in client.get_run(whole.run_id).data.metrics:
+        steps = [m.step for m in client.get_metric_history(first_id, key)]
+        assert sorted(steps) == sorted(m.step for m in client.get_metric_history(whole.run_id, key)), key
 
 
 @pytest.mark.parametrize("stop, validations, final_step", [
