@@ -288,7 +288,7 @@ def _validated_runs(
     checked_values: set[tuple[str, str]] = set()
     for index, values in enumerate(combos):
         overrides = common + [_as_override(k, v) for k, v in values.items()] + pinned
-        run = SweepRun(index, values, overrides, "", "", 0, base)
+        run = SweepRun(index, values, overrides, "", "", 0, base=base)
         try:
             for key, value in values.items():
                 OmegaConf.update(template, key, value, merge=False)
