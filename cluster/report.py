@@ -152,17 +152,20 @@ def record_from_run(run) -> RunRecord | None:
 def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple[list[RunRecord], list[str]]:
     """The experiment's finished training runs and notes on what was left out.
 
-    Report runs are skipped; with ``keys`` (a sweep's run keys) so are runs of other grids. A run
-    key trained more than once (a run directory deleted and trained again) counts once: its newest run.
+    Report runs are skipped; with ``keys`` (a sweep's run keys) so are runs of other grids, and the
+    sweep's keys are looked up in every experiment of the store (a point another sweep trained first
+    is reported here too). A run key trained more than once (a run directory deleted and trained
+    again) counts once: its newest run.
     """
     records, seen_keys, unusable, unfinished, foreign = [], set(), 0, 0, 0
-    for run in tracking.iter_runs(client, experiment_id, newest_first=True):
+    ids = experiment_id if keys is None else tracking.experiment_ids(client)
+    for run in tracking.iter_runs(client, ids, newest_first=True):
         tags = run.data.tags
         if tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
             continue
         key = tags.get(tracking.RUN_KEY_TAG)
         if keys is not None and key not in keys:
-            foreign += 1
+            foreign += run.info.experiment_id == experiment_id
             continue
         record = record_from_run(run)
         if record is None:

@@ -15,6 +15,10 @@ disagree about the same run.
   not enough (Lightning's logger ends the MLflow run before the trainer writes its status, and a
   diverged run is FINISHED too); the tag alone is not either (a resumed run is RUNNING again before
   its tag is reset). A done run key is never trained again.
+- A run key belongs to the tracking store, not to one experiment: the key covers the whole training
+  config, and the experiment a run is reported in is not part of it. A key done in any experiment of
+  the store is done for every sweep whose grid contains it; the run stays in the experiment of the
+  sweep that trained it first, and other sweeps find it there by key (:func:`experiment_ids`).
 
 MLflow is imported inside the functions that talk to it: planning a sweep does not pay for it.
 """
@@ -76,14 +80,30 @@ def is_done(run: Any) -> bool:
     return is_done_status(run.data.tags.get(STATUS_TAG), run.info.status)
 
 
-def iter_runs(client: Any, experiment_id: str, filter_string: str = "", newest_first: bool = False) -> Iterator[Any]:
-    """The experiment's active runs, page by page, in start-time order (oldest first unless ``newest_first``)."""
+def experiment_ids(client: Any) -> list[str]:
+    """Every active experiment of the store: where a run key is looked up (a key is the store's)."""
+    from mlflow.entities import ViewType
+
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        ids += [experiment.experiment_id for experiment in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def iter_runs(client: Any, experiment_id: str | list[str], filter_string: str = "",
+              newest_first: bool = False) -> Iterator[Any]:
+    """The experiment's (or experiments') active runs, page by page, in start-time order (oldest first
+    unless ``newest_first``)."""
     from mlflow.entities import ViewType
 
     order = "DESC" if newest_first else "ASC"
+    ids = [experiment_id] if isinstance(experiment_id, str) else experiment_id
     token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+    while ids:
+        page = client.search_runs(ids, filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
                                   max_results=PAGE_SIZE, order_by=[f"attributes.start_time {order}"],
                                   page_token=token)
         yield from page
