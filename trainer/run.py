@@ -10,6 +10,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -28,6 +29,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe
+from trainer.checkpoint_io import AtomicCheckpointIO, previous_of, resumable
 from trainer.config import ConfigError, flatten, norm_spec_text, run_key, validated
 from trainer.data import build_datamodule
 from trainer.module import NormClassifier, effective_lr
@@ -79,7 +81,7 @@ def quiet_lightning() -> None:
 
 
 def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: MlflowClient, run_dir: Path, tags: dict,
-                   key: str, ckpt: Path, global_batch: int, num_classes: int) -> MLFlowLogger:
+                   key: str, ckpt: Path | None, global_batch: int, num_classes: int) -> MLFlowLogger:
     """The run's MLflow logger; on global rank 0 also the run directory and the MLflow run (new or resumed)."""
     world = trainer.world_size
     previous = None
@@ -104,9 +106,21 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
         else:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, tracking.STATUS_TAG, tracking.RUNNING)
-            print(f"normlab train: resuming run {key} from {ckpt} into MLflow run {run_id}", file=sys.stderr)
+            start = f"from {ckpt}" if ckpt is not None else "from the start (it had no checkpoint yet)"
+            print(f"normlab train: resuming run {key} {start} into MLflow run {run_id}", file=sys.stderr)
 
     return logger
+
+
+def _restart_tracking(run_dir: Path, uri: str) -> None:
+    """A run that starts again from step 0 (its checkpoints were unreadable) gets a new MLflow run, so no
+    step is logged twice; the old one is ended as KILLED."""
+    path = run_dir / "mlflow_run_id"
+    if path.is_file():
+        old = path.read_text().strip()
+        with contextlib.suppress(Exception):
+            MlflowClient(uri).set_terminated(old, status="KILLED")
+        path.unlink()
 
 
 def slurm_plugins() -> list:
@@ -154,7 +168,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     if not interactive:
         all_callbacks.append(EpochLines())
     all_callbacks += callbacks or []
-    plugins = slurm_plugins()
+    plugins = [*slurm_plugins(), AtomicCheckpointIO()]
     if cfg.trainer.sync_norm:
         from trainer.norm_sync import NormSyncPlugin
 
@@ -179,6 +193,10 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
 
     global_batch = cfg.data.batch_size * world
     ckpt = run_dir / "checkpoints" / CHECKPOINT
+    had_checkpoint = ckpt.is_file() or previous_of(ckpt).is_file()
+    resume_from = resumable(ckpt)
+    if had_checkpoint and resume_from is None and trainer.is_global_zero:
+        _restart_tracking(run_dir, tracking.resolve_uri(cfg.tracking.uri))
     uri = tracking.resolve_uri(cfg.tracking.uri)
     client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
     spec = norm_spec_text(cfg.model.norm)
@@ -186,13 +204,13 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
             tracking.NORM_NAME_TAG: spec.partition(":")[0], tracking.BATCH_SIZE_TAG: str(cfg.data.batch_size),
             "global_batch_size": str(global_batch), "world_size": str(world), tracking.STATUS_TAG: tracking.RUNNING}
     try:
-        logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, ckpt, global_batch,
+        logger = _open_tracking(trainer, cfg, uri, client, run_dir, tags, key, resume_from, global_batch,
                                 datamodule.num_classes)
     except MlflowException as e:
         raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {str(e).splitlines()[0][:300]}") from None
     trainer.logger = logger
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
 
     status = tracking.DIVERGED if guard.diverged else tracking.FINISHED
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
