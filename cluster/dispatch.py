@@ -24,6 +24,7 @@ import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
 from cluster.jobs import PackedRun, PackedRuns
+from cluster.lease import SUBMIT_LOCK, file_lock
 from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 from trainer.tracking import DONE_STATUSES
@@ -169,8 +170,20 @@ class Submission:
 
 
 def submit(sweep: Sweep, echo: Callable[[str], None] = print) -> Submission:
-    """Submit every run that is neither done in MLflow nor held by a live job, packed and chunked."""
-    states = run_states(sweep)
+    """Submit every run that is neither done in MLflow nor held by a live job, packed and chunked.
+
+    One submit of a sweep at a time decides and records its jobs (see :mod:`cluster.lease`); a local
+    or debug submit lets the next one in once its jobs are recorded as they start."""
+    if sweep.executor.kind == "slurm":
+        with file_lock(sweep.folder / SUBMIT_LOCK):
+            return _submit(sweep, echo)
+    with file_lock(sweep.folder / SUBMIT_LOCK):
+        states = run_states(sweep)
+    return _submit(sweep, echo, states)
+
+
+def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | None = None) -> Submission:
+    states = states if states is not None else run_states(sweep)
     done = [s for s in states if s.category in DONE_STATUSES]
     live = [s for s in states if s.category in ("running", "queued")]
     todo = [s.run for s in states if s.category in ("failed", "unsubmitted")]

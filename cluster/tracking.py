@@ -62,4 +62,5 @@ def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None)
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> None:
     """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
+    tracking.prepare_store(tracking_uri)
     tracking.ensure_experiment(MlflowClient(tracking_uri=tracking_uri), experiment)

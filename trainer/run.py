@@ -198,6 +198,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     if had_checkpoint and resume_from is None and trainer.is_global_zero:
         _restart_tracking(run_dir, tracking.resolve_uri(cfg.tracking.uri))
     uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.prepare_store(uri)
     client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
     spec = norm_spec_text(cfg.model.norm)
     tags = {**cfg.tracking.tags, tracking.RUN_KEY_TAG: key, tracking.NORM_TAG: spec,

@@ -70,6 +70,20 @@ def missing_sqlite(uri: str) -> bool:
     return path is not None and not path.exists()
 
 
+def prepare_store(uri: str) -> None:
+    """Create a SQLite store that does not exist yet under a lock beside it: two processes creating it at
+    once race in MLflow's schema migration ("duplicate column name"); the second one finds it made."""
+    path = sqlite_path(uri)
+    if path is None or path.exists() and path.stat().st_size > 0:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from trainer.locks import file_lock
+
+    with file_lock(path.with_name(path.name + ".lock")):
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+
+
 def is_done_status(status: str | None, mlflow_status: str) -> bool:
     """Done from the two statuses: the ``normlab.status`` tag and MLflow's run status (see the module docstring)."""
     return status in DONE_STATUSES and mlflow_status == MLFLOW_FINISHED
