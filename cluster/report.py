@@ -760,7 +760,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = args.out or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"{out} is not writable")
+    except OSError as err:
+        print(f"normlab report: cannot write the report to {out}: {err.strerror or err}; pass --out DIR",
+              file=sys.stderr)
+        return 2
     try:
         records, notes = read_runs(client, experiment.experiment_id, sweep_keys)
     except MlflowException as err:

@@ -218,6 +218,8 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         raise SweepError(f"{where}: no such sweep file")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise SweepError(f"{where}: not a text file (a sweep file is UTF-8 YAML)") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""

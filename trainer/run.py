@@ -138,6 +138,9 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     that does not fit the model or batch) before creating any MLflow run or file.
     """
     cfg = validated(cfg)
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator: {cfg.trainer.accelerator} but this machine has no GPU that torch "
+                          "can use; set trainer.accelerator=cpu (or auto)")
     key = run_key(cfg)
     run_dir = Path(cfg.output.root) / key
     result_file = run_dir / "result.json"
