@@ -32,6 +32,7 @@ from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastVal
 from trainer.checkpoint_io import AtomicCheckpointIO, previous_of, resumable
 from trainer.config import ConfigError, flatten, norm_spec_text, run_key, validated
 from trainer.data import build_datamodule
+from trainer.epoch_metrics import EpochMetricsInCheckpoint
 from trainer.module import NormClassifier, effective_lr
 
 CHECKPOINT = "last.ckpt"
@@ -168,6 +169,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     all_callbacks: list[Callback] = [checkpoint, guard, last_validation, EpochSeeding(cfg.seed),
                                      LayerProbe(cfg.probes.every_n_steps, cfg.probes.activations,
                                                 cfg.probes.gradients)]
+    all_callbacks.append(EpochMetricsInCheckpoint())
     if not interactive:
         all_callbacks.append(EpochLines())
     all_callbacks += callbacks or []

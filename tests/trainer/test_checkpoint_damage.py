@@ -118,3 +118,20 @@ def test_a_kill_during_the_save_with_tmpdir_elsewhere_leaves_a_whole_checkpoint(
     run_dir = next((tmp_path / "runs").iterdir())
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".partial")]
+
+
+def test_killed_right_after_a_checkpoint_the_resumed_run_has_every_epochs_train_metrics(tmp_path):
+    from pytorch_lightning.callbacks import Checkpoint
+
+    class DieAfterTheCheckpoint(Checkpoint):  # a Checkpoint: Lightning calls it after the ModelCheckpoint
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("killed right after the checkpoint")
+
+    cfg = load_config(None, [*TINY, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(RuntimeError, match="right after the checkpoint"):
+        train(cfg, callbacks=[DieAfterTheCheckpoint()])
+    result = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    for name in ("train_loss", "train_acc", "val_acc"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [3, 7, 11], name
