@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from cluster.dispatch import CATEGORIES, SubmitError, cancel, run_states, submit
 from cluster.sweep import Sweep, SweepError, load_sweep
 from cluster.tracking import done_keys
+from trainer.tracking import unreachable
 
 # More jobs than this are summarised per array instead of listed one per line.
 LIST_JOBS_UP_TO = 20
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (database set-up) are noise here
     try:
         sweep = load_sweep(args.file)
+        down = unreachable(sweep.tracking_uri)
+        if down:
+            raise SweepError(down)
         return COMMANDS[args.command](sweep)
     except (SweepError, SubmitError) as error:
         print(f"normlab sweep {args.command}: {error}", file=sys.stderr)

@@ -142,6 +142,9 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator: {cfg.trainer.accelerator} but this machine has no GPU that torch "
                           "can use; set trainer.accelerator=cpu (or auto)")
+    down = tracking.unreachable(tracking.resolve_uri(cfg.tracking.uri))
+    if down:
+        raise ConfigError(f"tracking.uri: {down}")
     key = run_key(cfg)
     run_dir = Path(cfg.output.root) / key
     result_file = run_dir / "result.json"

@@ -84,6 +84,29 @@ def prepare_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why an http(s) tracking server does not answer (one line naming the URI and what to do), else None.
+
+    Asked before any MLflow call: MLflow's own client retries with back-off for minutes first."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answers (auth or routing is MLflow's to report)
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        return (f"no MLflow server answers at {uri} ({reason}); start it (mlflow/start-server.sh), or point "
+                f"tracking.uri / ${ENV_TRACKING_URI} at a running one")
+
+
 def is_done_status(status: str | None, mlflow_status: str) -> bool:
     """Done from the two statuses: the ``normlab.status`` tag and MLflow's run status (see the module docstring)."""
     return status in DONE_STATUSES and mlflow_status == MLFLOW_FINISHED
