@@ -747,8 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment_name, uri, sweep_keys = _resolve_target(args.target, args.tracking_uri)
         _check_local_store(uri)
-        if tracking.unreachable(uri):
-            raise ReportError(tracking.unreachable(uri))
+        down = tracking.unreachable(uri)
+        if down:
+            raise ReportError(down)
         client = MlflowClient(tracking_uri=uri)
         try:
             experiment = client.get_experiment_by_name(experiment_name)

@@ -351,7 +351,10 @@ def _cached_plan(folder: Path, fingerprint: str, base: str | None) -> list[Sweep
 
 
 def _write_plan(folder: Path, fingerprint: str, runs: list[SweepRun]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # only a cache; `submit` says why the folder cannot be written
     partial = folder / "plan.json.tmp"
     partial.write_text(json.dumps({"fingerprint": fingerprint, "runs": [run.to_record() for run in runs]}))
     partial.replace(folder / "plan.json")

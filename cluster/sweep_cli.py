@@ -11,6 +11,7 @@ from cluster.dispatch import CATEGORIES, SubmitError, cancel, run_states, submit
 from cluster.sweep import Sweep, SweepError, load_sweep
 from cluster.tracking import done_keys
 from trainer.tracking import unreachable
+from trainer.writable import cannot_write, store_folder
 
 # More jobs than this are summarised per array instead of listed one per line.
 LIST_JOBS_UP_TO = 20
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         down = unreachable(sweep.tracking_uri)
         if down:
             raise SweepError(down)
+        if args.command == "submit":
+            store = store_folder(sweep.tracking_uri)
+            for folder in (sweep.folder, store):
+                why = folder is not None and cannot_write(folder)
+                if why:
+                    raise SweepError(f"cannot write in {folder}: {why}; choose a directory you can write")
         return COMMANDS[args.command](sweep)
     except (SweepError, SubmitError) as error:
         print(f"normlab sweep {args.command}: {error}", file=sys.stderr)

@@ -34,6 +34,7 @@ from trainer.config import ConfigError, flatten, norm_spec_text, run_key, valida
 from trainer.data import build_datamodule
 from trainer.epoch_metrics import EpochMetricsInCheckpoint
 from trainer.module import NormClassifier, effective_lr
+from trainer.writable import cannot_write, store_folder
 
 CHECKPOINT = "last.ckpt"
 
@@ -145,6 +146,11 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     down = tracking.unreachable(tracking.resolve_uri(cfg.tracking.uri))
     if down:
         raise ConfigError(f"tracking.uri: {down}")
+    store = store_folder(tracking.resolve_uri(cfg.tracking.uri))
+    for name, folder in (("output.root", Path(cfg.output.root)), ("tracking.uri", store)):
+        why = folder is not None and cannot_write(folder)
+        if why:
+            raise ConfigError(f"{name}: cannot write in {folder}: {why}; choose a directory you can write")
     key = run_key(cfg)
     run_dir = Path(cfg.output.root) / key
     result_file = run_dir / "result.json"

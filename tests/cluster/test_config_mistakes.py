@@ -60,6 +60,7 @@ def test_a_sweep_file_that_is_not_text(tmp_path, capsys):
 def test_report_into_a_directory_that_cannot_be_written(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment("exp")
+    capsys.readouterr()  # MLflow's own lines while creating the store
     Path("a-file").write_text("")
     assert report.main(["exp", "--tracking-uri", uri, "--no-log", "--out", "a-file/report"]) == 2
     assert "cannot write the report to a-file/report" in _one_line_error(capsys)
@@ -68,3 +69,23 @@ def test_report_into_a_directory_that_cannot_be_written(tmp_path, capsys):
         locked.mkdir(mode=0o500)
         assert report.main(["exp", "--tracking-uri", uri, "--no-log", "--out", str(locked)]) == 2
         assert "is not writable" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("output.root=a-file/runs", "output.root: cannot write in a-file/runs"),
+    ("tracking.uri=sqlite:///a-file/mlflow.db", "a-file is a file, not a directory"),
+    ("tracking.uri=file://{cwd}/a-file/mlruns", "a-file is a file, not a directory"),
+])
+def test_a_directory_that_cannot_be_written_is_one_line_and_nothing_is_created(override, named, capsys):
+    Path("a-file").write_text("")
+    assert train_main(["model.depth=8", override.format(cwd=Path.cwd())]) == 2
+    assert named in _one_line_error(capsys)
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["a-file"]  # no mlflow.db, no runs/, no mlruns/
+
+
+def test_submit_into_an_output_root_that_cannot_be_written(write_sweep, capsys):
+    Path("a-file").write_text("")
+    path = write_sweep("unwritable", {"model.norm": ["bn"]}, {"kind": "local"}, overrides={"output.root": "a-file/r"})
+    assert sweep_cli.main(["submit", str(path)]) == 2
+    assert "cannot write in" in _one_line_error(capsys)
+    assert not Path("mlflow.db").exists()
