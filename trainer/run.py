@@ -34,6 +34,7 @@ from trainer.config import ConfigError, flatten, norm_spec_text, run_key, valida
 from trainer.data import build_datamodule
 from trainer.epoch_metrics import EpochMetricsInCheckpoint
 from trainer.module import NormClassifier, effective_lr
+from trainer.step_once_logger import StepOnceMLFlowLogger
 from trainer.writable import cannot_write, store_folder
 
 CHECKPOINT = "last.ckpt"
@@ -94,8 +95,9 @@ def _open_tracking(trainer: pl.Trainer, cfg: DictConfig, uri: str, client: Mlflo
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # every rank gets the logger; its methods act on global rank 0 only
-    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_name=cfg.tracking.run_name,
-                          tags=tags, run_id=previous, log_model=cfg.tracking.log_checkpoints)
+    logger = StepOnceMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
+                                  run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
+                                  log_model=cfg.tracking.log_checkpoints)
     if trainer.is_global_zero:
         run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
         if previous is None:
