@@ -31,7 +31,8 @@ from trainer.tracking import DONE_STATUSES
 
 RECORD = "jobs.json"
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
-CATEGORIES = ("finished", "diverged", "running", "queued", "failed", "unsubmitted")
+PENDING_REASONS: dict[str, str] = {}  # job id -> Slurm's reason it waits, from the latest squeue
+CATEGORIES = ("finished", "diverged", "running", "queued", "failed", "cancelled", "unsubmitted")
 
 
 class SubmitError(RuntimeError):
@@ -46,6 +47,7 @@ class JobRecord:
     stdout: str
     stderr: str
     submitted_at: float = field(default_factory=time.time)
+    cancelled: bool = False  # by `normlab sweep cancel`: its runs are "cancelled", not "failed"
 
     @property
     def slurm_id(self) -> str:
@@ -64,8 +66,11 @@ def read_record(sweep: Sweep) -> list[JobRecord]:
 
 
 def _append_record(sweep: Sweep, jobs: list[JobRecord]) -> None:
+    _write_record(sweep, read_record(sweep) + jobs)
+
+
+def _write_record(sweep: Sweep, records: list[JobRecord]) -> None:
     sweep.folder.mkdir(parents=True, exist_ok=True)
-    records = read_record(sweep) + jobs
     partial = sweep.folder / (RECORD + ".tmp")
     partial.write_text(json.dumps({"sweep": str(sweep.path), "jobs": [vars(job) for job in records]}))
     partial.replace(sweep.folder / RECORD)
@@ -96,11 +101,13 @@ def live_jobs(records: list[JobRecord]) -> dict[str, str]:
     slurm_ids = {record.slurm_id for record in records if record.kind == "slurm"}
     if slurm_ids and shutil.which("squeue"):
         # One squeue call for everything; -r lists each array task on its own line.
-        out = _run(["squeue", "--noheader", "-r", "-u", _user(), "-o", "%i|%T"]).stdout
+        out = _run(["squeue", "--noheader", "-r", "-u", _user(), "-o", "%i|%T|%r"]).stdout
         for line in out.splitlines():
-            job_id, _, state = line.strip().partition("|")
+            job_id, state, reason = (line.strip().split("|") + ["", ""])[:3]
             if job_id.split("_")[0] in slurm_ids:
                 states[job_id] = state
+                if state == "PENDING" and reason not in ("", "None", "(null)"):
+                    PENDING_REASONS[job_id] = reason
     for record in records:
         if record.kind == "local" and _pid_alive(record.job_id):
             states[record.job_id] = "RUNNING"
@@ -152,7 +159,7 @@ def run_states(sweep: Sweep) -> list[RunState]:
             # A running job trains its runs in turn: the others wait inside it.
             category = "running" if state in RUNNING_STATES and started else "queued"
         else:
-            category = "failed"
+            category = "cancelled" if job.cancelled else "failed"
         states.append(RunState(run, category, job, mlflow_run))
     return states
 
@@ -186,7 +193,7 @@ def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | 
     states = states if states is not None else run_states(sweep)
     done = [s for s in states if s.category in DONE_STATUSES]
     live = [s for s in states if s.category in ("running", "queued")]
-    todo = [s.run for s in states if s.category in ("failed", "unsubmitted")]
+    todo = [s.run for s in states if s.category in ("failed", "cancelled", "unsubmitted")]
     submission = Submission([], len(done), len(live))
     if not todo:
         return submission
@@ -251,6 +258,7 @@ def _submit_slurm(sweep: Sweep, functions: list[PackedRuns], submission: Submiss
     executor = slurm_executor(sweep)
     chunk = max(1, max_array_size())  # indices 0..chunk-1 stay below MaxArraySize
     submitted: list[JobRecord] = []
+    before = set(logs_folder(sweep).rglob("*.pkl"))
     try:
         for start in range(0, len(functions), chunk):
             group = functions[start : start + chunk]
@@ -263,6 +271,8 @@ def _submit_slurm(sweep: Sweep, functions: list[PackedRuns], submission: Submiss
     except FailedJobError as error:
         if submitted:  # nothing half-done: take back the arrays that did go in
             _run(["scancel", *sorted({record.slurm_id for record in submitted})], check=False)
+        for pickle in set(logs_folder(sweep).rglob("*.pkl")) - before:  # the refused jobs' pickled calls
+            pickle.unlink(missing_ok=True)
         raise SubmitError(f"sbatch refused the job: {_sbatch_reason(str(error))}") from None
     _append_record(sweep, submitted)
     submission.jobs = submitted
@@ -345,5 +355,8 @@ def cancel(sweep: Sweep) -> int:
     for record in local:  # what submitit's LocalJob.cancel sends
         with contextlib.suppress(OSError):
             os.kill(int(record.job_id), signal.SIGINT)
+    for record in records:
+        record.cancelled = record.cancelled or record.job_id in live
+    _write_record(sweep, records)
     return sum(1 for record in records if record.job_id in live)
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections import Counter, defaultdict
 
-from cluster.dispatch import CATEGORIES, SubmitError, cancel, run_states, submit
+from cluster.dispatch import CATEGORIES, PENDING_REASONS, SubmitError, cancel, run_states, submit
 from cluster.sweep import Sweep, SweepError, load_sweep
 from cluster.tracking import done_keys
 from trainer.tracking import unreachable
@@ -76,6 +76,12 @@ def cmd_status(sweep: Sweep) -> int:
     rows.append(["total", "", *[str(totals[c]) for c in CATEGORIES]])
     print(f"sweep {sweep.name!r}: {len(states)} runs (MLflow experiment {sweep.experiment!r} at {sweep.tracking_uri})")
     print(_table(["norm", "batch", *CATEGORIES], rows))
+    waiting = sorted({(state.job.job_id, PENDING_REASONS[state.job.job_id]) for state in states
+                      if state.category == "queued" and state.job.job_id in PENDING_REASONS})
+    if waiting:
+        print("\nqueued jobs and why Slurm holds them:")
+        for job_id, reason in waiting:
+            print(f"  job {job_id}: {reason}")
     failed = [state for state in states if state.category == "failed"]
     if failed:
         print(f"\nfailed runs ({len(failed)}); `normlab sweep submit {sweep.path}` sends them again:")

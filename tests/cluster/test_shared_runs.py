@@ -39,7 +39,7 @@ def test_two_sweeps_sharing_a_point_train_it_once_and_both_report_it(write_sweep
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert sweep_cli.main(["status", str(second.path)]) == 0
     total = next(line.split() for line in out.getvalue().splitlines() if line.startswith("total"))
-    assert total[1:] == ["2", "0", "0", "0", "0", "0"]
+    assert total[1:] == ["2", "0", "0", "0", "0", "0", "0"]
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert report.main([str(second.path), "--no-log", "--out", "report-b"]) == 0
     text = Path("report-b", "report.md").read_text()

@@ -135,3 +135,13 @@ def test_killed_right_after_a_checkpoint_the_resumed_run_has_every_epochs_train_
     client = MlflowClient(cfg.tracking.uri)
     for name in ("train_loss", "train_acc", "val_acc"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [3, 7, 11], name
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_it_starts_from_the_beginning(tmp_path, crash_at, capfd):
+    cfg = load_config(None, [*TINY, "trainer.max_epochs=1", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        train(cfg, callbacks=[crash_at(step=1)])
+    capfd.readouterr()
+    assert train(cfg).status == "finished"
+    err = capfd.readouterr().err
+    assert "from the start (it had no checkpoint yet)" in err and "last.ckpt" not in err
