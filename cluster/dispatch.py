@@ -66,7 +66,9 @@ def read_record(sweep: Sweep) -> list[JobRecord]:
 
 
 def _append_record(sweep: Sweep, jobs: list[JobRecord]) -> None:
-    _write_record(sweep, read_record(sweep) + jobs)
+    # two local submits append as their jobs start: read and write under one lock, or one loses the other's
+    with file_lock(sweep.folder / (RECORD + ".lock")):
+        _write_record(sweep, read_record(sweep) + jobs)
 
 
 def _write_record(sweep: Sweep, records: list[JobRecord]) -> None:
