@@ -357,8 +357,10 @@ def cancel(sweep: Sweep) -> int:
     for record in local:  # what submitit's LocalJob.cancel sends
         with contextlib.suppress(OSError):
             os.kill(int(record.job_id), signal.SIGINT)
-    for record in records:
-        record.cancelled = record.cancelled or record.job_id in live
-    _write_record(sweep, records)
+    with file_lock(sweep.folder / (RECORD + ".lock")):
+        records = read_record(sweep)
+        for record in records:
+            record.cancelled = record.cancelled or record.job_id in live
+        _write_record(sweep, records)
     return sum(1 for record in records if record.job_id in live)
 
