@@ -24,13 +24,15 @@ import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
 from cluster.jobs import PackedRun, PackedRuns
+from cluster.lease import SUBMIT_LOCK, file_lock
 from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 from trainer.tracking import DONE_STATUSES
 
 RECORD = "jobs.json"
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
-CATEGORIES = ("finished", "diverged", "running", "queued", "failed", "unsubmitted")
+PENDING_REASONS: dict[str, str] = {}  # job id -> Slurm's reason it waits, from the latest squeue
+CATEGORIES = ("finished", "diverged", "running", "queued", "failed", "cancelled", "unsubmitted")
 
 
 class SubmitError(RuntimeError):
@@ -45,6 +47,7 @@ class JobRecord:
     stdout: str
     stderr: str
     submitted_at: float = field(default_factory=time.time)
+    cancelled: bool = False  # by `normlab sweep cancel`: its runs are "cancelled", not "failed"
 
     @property
     def slurm_id(self) -> str:
@@ -63,8 +66,13 @@ def read_record(sweep: Sweep) -> list[JobRecord]:
 
 
 def _append_record(sweep: Sweep, jobs: list[JobRecord]) -> None:
+    # two local submits append as their jobs start: read and write under one lock, or one loses the other's
+    with file_lock(sweep.folder / (RECORD + ".lock")):
+        _write_record(sweep, read_record(sweep) + jobs)
+
+
+def _write_record(sweep: Sweep, records: list[JobRecord]) -> None:
     sweep.folder.mkdir(parents=True, exist_ok=True)
-    records = read_record(sweep) + jobs
     partial = sweep.folder / (RECORD + ".tmp")
     partial.write_text(json.dumps({"sweep": str(sweep.path), "jobs": [vars(job) for job in records]}))
     partial.replace(sweep.folder / RECORD)
@@ -95,11 +103,13 @@ def live_jobs(records: list[JobRecord]) -> dict[str, str]:
     slurm_ids = {record.slurm_id for record in records if record.kind == "slurm"}
     if slurm_ids and shutil.which("squeue"):
         # One squeue call for everything; -r lists each array task on its own line.
-        out = _run(["squeue", "--noheader", "-r", "-u", _user(), "-o", "%i|%T"]).stdout
+        out = _run(["squeue", "--noheader", "-r", "-u", _user(), "-o", "%i|%T|%r"]).stdout
         for line in out.splitlines():
-            job_id, _, state = line.strip().partition("|")
+            job_id, state, reason = (line.strip().split("|") + ["", ""])[:3]
             if job_id.split("_")[0] in slurm_ids:
                 states[job_id] = state
+                if state == "PENDING" and reason not in ("", "None", "(null)"):
+                    PENDING_REASONS[job_id] = reason
     for record in records:
         if record.kind == "local" and _pid_alive(record.job_id):
             states[record.job_id] = "RUNNING"
@@ -151,7 +161,7 @@ def run_states(sweep: Sweep) -> list[RunState]:
             # A running job trains its runs in turn: the others wait inside it.
             category = "running" if state in RUNNING_STATES and started else "queued"
         else:
-            category = "failed"
+            category = "cancelled" if job.cancelled else "failed"
         states.append(RunState(run, category, job, mlflow_run))
     return states
 
@@ -169,11 +179,23 @@ class Submission:
 
 
 def submit(sweep: Sweep, echo: Callable[[str], None] = print) -> Submission:
-    """Submit every run that is neither done in MLflow nor held by a live job, packed and chunked."""
-    states = run_states(sweep)
+    """Submit every run that is neither done in MLflow nor held by a live job, packed and chunked.
+
+    One submit of a sweep at a time decides and records its jobs (see :mod:`cluster.lease`); a local
+    or debug submit lets the next one in once its jobs are recorded as they start."""
+    if sweep.executor.kind == "slurm":
+        with file_lock(sweep.folder / SUBMIT_LOCK):
+            return _submit(sweep, echo)
+    with file_lock(sweep.folder / SUBMIT_LOCK):
+        states = run_states(sweep)
+    return _submit(sweep, echo, states)
+
+
+def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | None = None) -> Submission:
+    states = states if states is not None else run_states(sweep)
     done = [s for s in states if s.category in DONE_STATUSES]
     live = [s for s in states if s.category in ("running", "queued")]
-    todo = [s.run for s in states if s.category in ("failed", "unsubmitted")]
+    todo = [s.run for s in states if s.category in ("failed", "cancelled", "unsubmitted")]
     submission = Submission([], len(done), len(live))
     if not todo:
         return submission
@@ -238,6 +260,7 @@ def _submit_slurm(sweep: Sweep, functions: list[PackedRuns], submission: Submiss
     executor = slurm_executor(sweep)
     chunk = max(1, max_array_size())  # indices 0..chunk-1 stay below MaxArraySize
     submitted: list[JobRecord] = []
+    before = set(logs_folder(sweep).rglob("*.pkl"))
     try:
         for start in range(0, len(functions), chunk):
             group = functions[start : start + chunk]
@@ -250,6 +273,8 @@ def _submit_slurm(sweep: Sweep, functions: list[PackedRuns], submission: Submiss
     except FailedJobError as error:
         if submitted:  # nothing half-done: take back the arrays that did go in
             _run(["scancel", *sorted({record.slurm_id for record in submitted})], check=False)
+        for pickle in set(logs_folder(sweep).rglob("*.pkl")) - before:  # the refused jobs' pickled calls
+            pickle.unlink(missing_ok=True)
         raise SubmitError(f"sbatch refused the job: {_sbatch_reason(str(error))}") from None
     _append_record(sweep, submitted)
     submission.jobs = submitted
@@ -332,5 +357,10 @@ def cancel(sweep: Sweep) -> int:
     for record in local:  # what submitit's LocalJob.cancel sends
         with contextlib.suppress(OSError):
             os.kill(int(record.job_id), signal.SIGINT)
+    with file_lock(sweep.folder / (RECORD + ".lock")):
+        records = read_record(sweep)
+        for record in records:
+            record.cancelled = record.cancelled or record.job_id in live
+        _write_record(sweep, records)
     return sum(1 for record in records if record.job_id in live)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import submitit
 from submitit.helpers import Checkpointable
 
+from cluster.lease import RunLease
 from cluster.tracking import done_keys
 
 
@@ -50,13 +51,25 @@ class PackedRuns(Checkpointable):
 
         torch.set_num_threads(self.threads)
         env = submitit.JobEnvironment()
-        todo = self._todo(env)
+        leases: dict[str, RunLease] = {}
+        try:
+            return self._train_all(env, leases, load_config, run_key, train)
+        finally:
+            for lease in leases.values():
+                lease.release()
+
+    def _train_all(self, env, leases, load_config, run_key, train) -> list[dict]:
+        import torch
+
+        todo = self._todo(env, leases, load_config)
         print(f"[normlab] job {env.job_id} rank {env.global_rank}/{env.num_tasks}: {len(todo)} of {len(self.runs)} "
               f"runs to train, torch threads {torch.get_num_threads()}", flush=True)
         results, failed = [], []
         for run in self.runs:
             if run.key not in todo:
-                print(f"[normlab] {run.label} {run.key}: already done in MLflow, skipped", flush=True)
+                held = self._held_by.get(run.key)
+                why = f"held by {held}, which trains it" if held else "already done in MLflow"
+                print(f"[normlab] {run.label} {run.key}: {why}, skipped", flush=True)
                 continue
             cfg = load_config(self.base, run.overrides)
             if run_key(cfg) != run.key:
@@ -74,6 +87,9 @@ class PackedRuns(Checkpointable):
                 traceback.print_exc()
                 failed.append(run)
                 continue
+            finally:
+                if run.key in leases:
+                    leases.pop(run.key).release()
             print(f"[normlab] {run.label} {run.key}: {result.status}", flush=True)
             results.append({"run_key": result.run_key, "run_id": result.run_id, "status": result.status,
                             "metrics": dict(result.metrics), "run_dir": str(result.run_dir)})
@@ -82,15 +98,31 @@ class PackedRuns(Checkpointable):
             raise RunsFailed(f"{len(failed)} of {len(self.runs)} runs failed: {names} (tracebacks above)")
         return results
 
-    def _todo(self, env: submitit.JobEnvironment) -> set[str]:
-        """Keys still to run. Rank 0 alone asks MLflow; the other ranks read its answer from a file."""
-        keys = [run.key for run in self.runs]
+    def _leased(self, env: submitit.JobEnvironment, leases: dict[str, RunLease], load_config) -> set[str]:
+        """Keys this job now holds the lease of and MLflow does not have done (asked after leasing, so a
+        holder that finished in between is seen); a key another live job holds is left to it."""
+        self._held_by: dict[str, str] = {}
+        for run in self.runs:
+            lease = RunLease(Path(load_config(self.base, run.overrides).output.root) / run.key, str(env.job_id))
+            held = lease.acquire()
+            if held is None:
+                leases[run.key] = lease
+            else:
+                self._held_by[run.key] = held
+        done = done_keys(self.tracking_uri, self.experiment, list(leases))
+        for key in done & set(leases):
+            leases.pop(key).release()
+        return set(leases)
+
+    def _todo(self, env: submitit.JobEnvironment, leases: dict[str, RunLease], load_config) -> set[str]:
+        """Keys still to run. Rank 0 alone leases and asks MLflow; the other ranks read its answer from a file."""
+        self._held_by = {}
         if env.num_tasks == 1:
-            return set(keys) - done_keys(self.tracking_uri, self.experiment, keys)
+            return self._leased(env, leases, load_config)
         attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
         answer = Path(env.paths.folder) / f"{env.job_id}_todo_{attempt}.json"
         if env.global_rank == 0:
-            todo = sorted(set(keys) - done_keys(self.tracking_uri, self.experiment, keys))
+            todo = sorted(self._leased(env, leases, load_config))
             partial = answer.with_suffix(".tmp")
             partial.write_text(json.dumps(todo))
             partial.replace(answer)

@@ -167,17 +167,20 @@ def record_from_run(run) -> RunRecord | None:
 def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple[list[RunRecord], list[str]]:
     """The experiment's finished training runs and notes on what was left out.
 
-    Report runs are skipped; with ``keys`` (a sweep's run keys) so are runs of other grids. A run
-    key trained more than once (a run directory deleted and trained again) counts once: its newest run.
+    Report runs are skipped; with ``keys`` (a sweep's run keys) so are runs of other grids, and the
+    sweep's keys are looked up in every experiment of the store (a point another sweep trained first
+    is reported here too). A run key trained more than once (a run directory deleted and trained
+    again) counts once: its newest run.
     """
     records, seen_keys, unusable, unfinished, foreign = [], set(), 0, 0, 0
-    for run in tracking.iter_runs(client, experiment_id, newest_first=True):
+    ids = experiment_id if keys is None else tracking.experiment_ids(client)
+    for run in tracking.iter_runs(client, ids, newest_first=True):
         tags = run.data.tags
         if tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
             continue
         key = tags.get(tracking.RUN_KEY_TAG)
         if keys is not None and key not in keys:
-            foreign += 1
+            foreign += run.info.experiment_id == experiment_id
             continue
         record = record_from_run(run)
         if record is None:
@@ -759,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment_name, uri, sweep_keys = _resolve_target(args.target, args.tracking_uri)
         _check_local_store(uri)
+        down = tracking.unreachable(uri)
+        if down:
+            raise ReportError(down)
         client = MlflowClient(tracking_uri=uri)
         try:
             experiment = client.get_experiment_by_name(experiment_name)
@@ -772,7 +778,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = args.out or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"{out} is not writable")
+    except OSError as err:
+        print(f"normlab report: cannot write the report to {out}: {err.strerror or err}; pass --out DIR",
+              file=sys.stderr)
+        return 2
     try:
         records, notes = read_runs(client, experiment.experiment_id, sweep_keys)
     except MlflowException as err:

@@ -218,6 +218,8 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         raise SweepError(f"{where}: no such sweep file")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise SweepError(f"{where}: not a text file (a sweep file is UTF-8 YAML)") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -349,7 +351,10 @@ def _cached_plan(folder: Path, fingerprint: str, base: str | None) -> list[Sweep
 
 
 def _write_plan(folder: Path, fingerprint: str, runs: list[SweepRun]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # only a cache; `submit` says why the folder cannot be written
     partial = folder / "plan.json.tmp"
     partial.write_text(json.dumps({"fingerprint": fingerprint, "runs": [run.to_record() for run in runs]}))
     partial.replace(folder / "plan.json")

@@ -7,10 +7,12 @@ import logging
 import sys
 from collections import Counter, defaultdict
 
-from cluster.dispatch import CATEGORIES, SubmitError, cancel, read_record, run_states, submit
+from cluster.dispatch import CATEGORIES, PENDING_REASONS, SubmitError, cancel, read_record, run_states, submit
 from cluster.slurm_jobs import slurm_jobs
 from cluster.sweep import Sweep, SweepError, load_sweep
 from cluster.tracking import done_keys
+from trainer.tracking import unreachable
+from trainer.writable import cannot_write, store_folder
 
 # More jobs than this are summarised per array instead of listed one per line.
 LIST_JOBS_UP_TO = 20
@@ -75,6 +77,12 @@ def cmd_status(sweep: Sweep) -> int:
     rows.append(["total", "", *[str(totals[c]) for c in CATEGORIES]])
     print(f"sweep {sweep.name!r}: {len(states)} runs (MLflow experiment {sweep.experiment!r} at {sweep.tracking_uri})")
     print(_table(["norm", "batch", *CATEGORIES], rows))
+    waiting = sorted({(state.job.job_id, PENDING_REASONS[state.job.job_id]) for state in states
+                      if state.category == "queued" and state.job.job_id in PENDING_REASONS})
+    if waiting:
+        print("\nqueued jobs and why Slurm holds them:")
+        for job_id, reason in waiting:
+            print(f"  job {job_id}: {reason}")
     failed = [state for state in states if state.category == "failed"]
     if failed:
         print(f"\nfailed runs ({len(failed)}); `normlab sweep submit {sweep.path}` sends them again:")
@@ -117,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (database set-up) are noise here
     try:
         sweep = load_sweep(args.file)
+        down = unreachable(sweep.tracking_uri)
+        if down:
+            raise SweepError(down)
+        if args.command == "submit":
+            store = store_folder(sweep.tracking_uri)
+            for folder in (sweep.folder, store):
+                why = folder is not None and cannot_write(folder)
+                if why:
+                    raise SweepError(f"cannot write in {folder}: {why}; choose a directory you can write")
         return COMMANDS[args.command](sweep)
     except (SweepError, SubmitError) as error:
         print(f"normlab sweep {args.command}: {error}", file=sys.stderr)

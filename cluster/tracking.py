@@ -28,34 +28,39 @@ class TrackedRun:
 
 
 def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = None) -> dict[str, TrackedRun]:
-    """The newest MLflow run per run key in `experiment`, a done run preferred over others.
+    """The newest MLflow run per run key, a done run preferred over others, then one in `experiment`.
 
+    A run key is the store's (see :mod:`trainer.tracking`): runs are looked up in every experiment,
+    so a point two sweeps share is found done in the experiment of the sweep that trained it.
     With `keys`, only those keys are asked for (one query per key: cheap for the few runs of a job);
-    without, the whole experiment is read page by page (one pass for plan/submit/status).
+    without, the store is read page by page (one pass for plan/submit/status).
     """
     if tracking.missing_sqlite(tracking_uri):
         return {}  # nothing ever logged there; do not create an empty database just to look
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return {}
+    own = found.experiment_id if found is not None else None
+    ids = tracking.experiment_ids(client)
     filters = [f"tags.{tracking.RUN_KEY_TAG} = '{key}'" for key in keys] if keys is not None else [""]
     result: dict[str, TrackedRun] = {}
+    rank: dict[str, tuple[bool, bool]] = {}
     for filter_string in filters:
-        for run in tracking.iter_runs(client, found.experiment_id, filter_string):
+        for run in tracking.iter_runs(client, ids, filter_string):
             if not run.data.tags.get(tracking.RUN_KEY_TAG):
                 continue
             tracked = TrackedRun.of(run)
-            if tracked.key not in result or not result[tracked.key].done:
-                result[tracked.key] = tracked
+            better = (tracked.done, run.info.experiment_id == own)
+            if tracked.key not in result or better >= rank[tracked.key]:
+                result[tracked.key], rank[tracked.key] = tracked, better
     return result
 
 
 def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None) -> set[str]:
-    """Run keys that finished or diverged (MLflow status FINISHED): these are never run again."""
+    """Run keys that finished or diverged (MLflow status FINISHED) in any experiment: never run again."""
     return {key for key, run in tracked_runs(tracking_uri, experiment, keys).items() if run.done}
 
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> None:
     """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
+    tracking.prepare_store(tracking_uri)
     tracking.ensure_experiment(MlflowClient(tracking_uri=tracking_uri), experiment)

@@ -200,6 +200,9 @@ CHOICES = {
     "trainer.gradient_clip_algorithm": ("norm", "value", "agc"),
     "optim.lr_scaling": ("none", "linear"),
     "optim.precondition": ("none", "bnp"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true",
+                         "ddp_find_unused_parameters_false", "fsdp", "single_device"),
     "trainer.precision": ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
 }
 
@@ -259,7 +262,11 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
 
 def check_config(cfg: DictConfig) -> None:
     """The cross-key rules of a merged config; raises :class:`ConfigError` (one line) on the first broken one."""
-    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    try:  # an interpolation of an unset variable or of itself fails here, not inside the run
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{_one_line(e)}; fix or remove the ${{...}} interpolation") from None
+    missing = sorted(_missing_keys(plain))
     if missing:
         raise ConfigError(f"{missing[0]}: required but not set; add {missing[0]}=... to the command line")
     for key, allowed in CHOICES.items():

@@ -10,6 +10,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -30,12 +31,16 @@ from pytorch_lightning.loggers import MLFlowLogger
 import normlayers
 from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe, ValidationHistory
+from trainer.checkpoint_io import AtomicCheckpointIO, previous_of, resumable
 from trainer.config import ConfigError, flatten, run_key, validated
 from trainer.data import build_datamodule
-from trainer.distributed import NodeNames, ResumedMLFlowLogger
+from trainer.distributed import NodeNames
+from trainer.epoch_metrics import EpochMetricsInCheckpoint
 from trainer.module import NormClassifier, effective_lr
 from trainer.norm_eval import evaluate_norm_stats
 from trainer.outcome import classify
+from trainer.step_once_logger import StepOnceMLFlowLogger
+from trainer.writable import cannot_write, store_folder
 
 CHECKPOINT = "last.ckpt"
 
@@ -96,6 +101,7 @@ class _Prepared:
     guard: DivergenceGuard
     last_validation: LastValidation
     history: ValidationHistory
+    resume_from: Path | None = None  # the readable checkpoint fit resumes from (trainer.checkpoint_io.resumable)
 
     @property
     def checkpoint(self) -> Path:
@@ -147,9 +153,9 @@ def _build_trainer(run: _Prepared, callbacks: list[Callback], interactive: bool)
                                                 cfg.probes.gradients)]
     if not interactive:
         all_callbacks.append(EpochLines())
-    all_callbacks.append(NodeNames())
+    all_callbacks += [NodeNames(), EpochMetricsInCheckpoint()]
     all_callbacks += callbacks
-    plugins = slurm_plugins()
+    plugins = [*slurm_plugins(), AtomicCheckpointIO()]
     if t.sync_norm:
         from trainer.norm_sync import NormSyncPlugin
 
@@ -192,6 +198,7 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
             tracking.STATS_BATCH_SIZE_TAG: str(cfg.data.batch_size // cfg.trainer.virtual_devices),
             tracking.STATUS_TAG: tracking.RUNNING}
     try:
+        tracking.prepare_store(uri)
         client = MlflowClient(uri)  # opening it creates a sqlite store: only once the config is known to run
         previous = None
         if trainer.is_global_zero:
@@ -201,9 +208,9 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         # every rank gets the logger; its methods act on global rank 0 only
-        logger = ResumedMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
-                                     run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
-                                     log_model=cfg.tracking.log_checkpoints)
+        logger = StepOnceMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
+                                      run_name=cfg.tracking.run_name, tags=tags, run_id=previous,
+                                      log_model=cfg.tracking.log_checkpoints)
         if trainer.is_global_zero:
             run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
             if previous is None:
@@ -216,16 +223,53 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
             else:
                 client.update_run(run_id, status="RUNNING")
                 client.set_tag(run_id, tracking.STATUS_TAG, tracking.RUNNING)
-                print(f"normlab train: resuming run {run.key} from {run.checkpoint} into MLflow run {run_id}",
-                      file=sys.stderr)
+                start = f"from {run.resume_from}" if run.resume_from else "from the start (it had no checkpoint yet)"
+                print(f"normlab train: resuming run {run.key} {start} into MLflow run {run_id}", file=sys.stderr)
     except MlflowException as e:
         raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {str(e).splitlines()[0][:300]}") from None
     return logger, client
 
 
+def _find_resume(run: _Prepared, trainer: pl.Trainer) -> None:
+    """The checkpoint to resume from: ``last.ckpt``, or the previous good one when it is damaged; a run whose
+    checkpoints are all unreadable starts again, in a new MLflow run."""
+    had_checkpoint = run.checkpoint.is_file() or previous_of(run.checkpoint).is_file()
+    run.resume_from = resumable(run.checkpoint)
+    if had_checkpoint and run.resume_from is None and trainer.is_global_zero:
+        _restart_tracking(run.run_dir, tracking.resolve_uri(run.cfg.tracking.uri))
+
+
+def _restart_tracking(run_dir: Path, uri: str) -> None:
+    """A run that starts again from step 0 (its checkpoints were unreadable) gets a new MLflow run, so no
+    step is logged twice; the old one is ended as KILLED."""
+    path = run_dir / "mlflow_run_id"
+    if path.is_file():
+        old = path.read_text().strip()
+        with contextlib.suppress(Exception):
+            MlflowClient(uri).set_terminated(old, status="KILLED")
+        path.unlink()
+
+
 def _fit(run: _Prepared, trainer: pl.Trainer) -> None:
-    """Lightning's fit, resumed from ``last.ckpt`` when the run has one."""
-    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path="last" if run.checkpoint.is_file() else None)
+    """Lightning's fit, resumed from the run's readable checkpoint when it has one."""
+    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+
+
+def _check_can_run(cfg: DictConfig) -> None:
+    """What the machine must allow before anything is created: the accelerator, the tracking server,
+    writable output and store directories."""
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator: {cfg.trainer.accelerator} but this machine has no GPU that torch "
+                          "can use; set trainer.accelerator=cpu (or auto)")
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    down = tracking.unreachable(uri)
+    if down:
+        raise ConfigError(f"tracking.uri: {down}")
+    store = store_folder(uri)
+    for name, folder in (("output.root", Path(cfg.output.root)), ("tracking.uri", store)):
+        why = folder is not None and cannot_write(folder)
+        if why:
+            raise ConfigError(f"{name}: cannot write in {folder}: {why}; choose a directory you can write")
 
 
 def _finish(run: _Prepared, trainer: pl.Trainer, logger: MLFlowLogger, client: MlflowClient) -> RunResult:
@@ -271,6 +315,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     that does not fit the model or batch) before creating any MLflow run or file.
     """
     cfg = validated(cfg)
+    _check_can_run(cfg)
     recorded = _recorded(cfg)
     if recorded is not None:
         return recorded
@@ -280,6 +325,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     run = _prepare(cfg)
     trainer = _build_trainer(run, callbacks or [], interactive)
     _check_fits(run, trainer)
+    _find_resume(run, trainer)
     logger, client = _open_tracking(run, trainer)
     trainer.logger = logger
     _fit(run, trainer)

@@ -15,6 +15,10 @@ disagree about the same run.
   not enough (Lightning's logger ends the MLflow run before the trainer writes its status, and a
   diverged run is FINISHED too); the tag alone is not either (a resumed run is RUNNING again before
   its tag is reset). A done run key is never trained again.
+- A run key belongs to the tracking store, not to one experiment: the key covers the whole training
+  config, and the experiment a run is reported in is not part of it. A key done in any experiment of
+  the store is done for every sweep whose grid contains it; the run stays in the experiment of the
+  sweep that trained it first, and other sweeps find it there by key (:func:`experiment_ids`).
 
 MLflow is imported inside the functions that talk to it: planning a sweep does not pay for it.
 """
@@ -35,6 +39,7 @@ NORM_TAG = "norm"
 NORM_NAME_TAG = "norm_name"
 BATCH_SIZE_TAG = "batch_size"
 STATS_BATCH_SIZE_TAG = "stats_batch_size"  # the batch one (virtual) device normalises
+NODES_TAG, NUM_NODES_TAG = "nodes", "num_nodes"  # where the ranks ran (trainer.distributed)
 OUTCOME_TAG = "normlab.outcome"  # trainer.outcome's class; normlab.status only says whether the run is over
 KIND_TAG, REPORT_KIND = "normlab.kind", "report"
 
@@ -68,6 +73,43 @@ def missing_sqlite(uri: str) -> bool:
     return path is not None and not path.exists()
 
 
+def prepare_store(uri: str) -> None:
+    """Create a SQLite store that does not exist yet under a lock beside it: two processes creating it at
+    once race in MLflow's schema migration ("duplicate column name"); the second one finds it made."""
+    path = sqlite_path(uri)
+    if path is None or path.exists() and path.stat().st_size > 0:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from trainer.locks import file_lock
+
+    with file_lock(path.with_name(path.name + ".lock")):
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why an http(s) tracking server does not answer (one line naming the URI and what to do), else None.
+
+    Asked before any MLflow call: MLflow's own client retries with back-off for minutes first."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answers (auth or routing is MLflow's to report)
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        return (f"no MLflow server answers at {uri} ({reason}); start it (mlflow/start-server.sh), or point "
+                f"tracking.uri / ${ENV_TRACKING_URI} at a running one")
+
+
 def is_done_status(status: str | None, mlflow_status: str) -> bool:
     """Done from the two statuses: the ``normlab.status`` tag and MLflow's run status (see the module docstring)."""
     return status in DONE_STATUSES and mlflow_status == MLFLOW_FINISHED
@@ -78,14 +120,30 @@ def is_done(run: Any) -> bool:
     return is_done_status(run.data.tags.get(STATUS_TAG), run.info.status)
 
 
-def iter_runs(client: Any, experiment_id: str, filter_string: str = "", newest_first: bool = False) -> Iterator[Any]:
-    """The experiment's active runs, page by page, in start-time order (oldest first unless ``newest_first``)."""
+def experiment_ids(client: Any) -> list[str]:
+    """Every active experiment of the store: where a run key is looked up (a key is the store's)."""
+    from mlflow.entities import ViewType
+
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        ids += [experiment.experiment_id for experiment in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def iter_runs(client: Any, experiment_id: str | list[str], filter_string: str = "",
+              newest_first: bool = False) -> Iterator[Any]:
+    """The experiment's (or experiments') active runs, page by page, in start-time order (oldest first
+    unless ``newest_first``)."""
     from mlflow.entities import ViewType
 
     order = "DESC" if newest_first else "ASC"
+    ids = [experiment_id] if isinstance(experiment_id, str) else experiment_id
     token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+    while ids:
+        page = client.search_runs(ids, filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
                                   max_results=PAGE_SIZE, order_by=[f"attributes.start_time {order}"],
                                   page_token=token)
         yield from page

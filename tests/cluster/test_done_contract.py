@@ -55,7 +55,7 @@ def test_sweep_status_and_report_agree_on_done(write_sweep):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert sweep_cli.main(["status", str(sweep.path)]) == 0
     total = next(line.split() for line in out.getvalue().splitlines() if line.startswith("total"))
-    assert total[1:] == ["1", "1", "0", "0", "0", "3"]  # finished diverged running queued failed unsubmitted
+    assert total[1:] == ["1", "1", "0", "0", "0", "0", "3"]  # finished diverged running queued failed cancelled unsub.
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert report.main([str(sweep.path), "--no-log", "--out", "report"]) == 0
     assert "2 training run(s)" in (sweep.path.parent / "report" / "report.md").read_text()

@@ -170,6 +170,7 @@ def test_partition_slurm_does_not_have_is_one_line_and_exit_2(slurm_cluster, wri
     assert captured.err.count("\n") == 1 and "invalid partition" in captured.err.lower(), captured.err
     assert not _squeue().strip()
     assert not (load_sweep(path).folder / "jobs.json").exists()
+    assert not list(load_sweep(path).folder.rglob("*.pkl"))  # no pickled call of a job that never was
     assert json.loads((load_sweep(path).folder / "plan.json").read_text())["runs"]  # planned, not submitted
 
 
@@ -180,11 +181,15 @@ def test_status_and_cancel_of_queued_jobs(slurm_cluster, write_sweep, capsys):
     assert sweep_cli.main(["submit", str(path)]) == 0
     capsys.readouterr()
     assert sweep_cli.main(["status", str(path)]) == 0
-    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
-    assert total.split() == ["total", "0", "0", "0", "2", "0", "0"]  # both queued
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "0", "0", "0", "2", "0", "0", "0"]  # both queued
+    assert "why Slurm holds them" in out and ": BeginTime" in out  # Slurm's own reason
     assert sweep_cli.main(["cancel", str(path)]) == 0
     assert "cancelled 1 queued or running jobs" in capsys.readouterr().out
     assert not _squeue().strip()
     assert sweep_cli.main(["status", str(path)]) == 0
-    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
-    assert total.split() == ["total", "0", "0", "0", "0", "2", "0"]  # cancelled: failed, submit sends them again
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "0", "0", "0", "0", "0", "2", "0"]  # cancelled (not failed); submit sends them
+    assert "failed runs" not in out
