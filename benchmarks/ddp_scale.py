@@ -150,6 +150,7 @@ def main() -> int:
                 results[name].append(_measure(shape, args))
     finally:
         subprocess.run([str(scripts / "stop.sh"), str(cluster_dir)], stdout=subprocess.DEVNULL)
+        shutil.rmtree(cluster_dir.parent, ignore_errors=True)
 
     anchor = statistics.median(r["synced"] for r in results["1 process"])
     print(f"ddp_scale: cifar_resnet depth {args.depth} width {args.width}, BN, global batch {args.global_batch}, "
