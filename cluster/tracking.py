@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import ViewType
-from mlflow.tracking import MlflowClient
-
 DONE_STATUSES = ("finished", "diverged")
 
 
@@ -31,6 +28,10 @@ def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = No
     """
     if _missing_sqlite(tracking_uri):
         return {}  # nothing ever logged there; do not create an empty database just to look
+    # imported here: mlflow takes seconds to import, and a sweep never tracked does not need it
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -73,6 +74,8 @@ def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None)
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> None:
     """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=tracking_uri)
     if client.get_experiment_by_name(experiment) is None:
         client.create_experiment(experiment)
