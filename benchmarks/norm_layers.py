@@ -124,7 +124,13 @@ def measure(names: list[str], shape: list[int], device: torch.device, repeats: i
             module = build(name, channels, with_conv, device)
             variant = Timed(module, torch.compile(module), x, grad)
             note = f"graph breaks ({type(error).__name__})"
-        anchor_times, variant_times = pair_times(anchors[with_conv], variant, repeats, warmup)
+        try:
+            anchor_times, variant_times = pair_times(anchors[with_conv], variant, repeats, warmup)
+        except Exception as error:  # noqa: BLE001  (e.g. a recompile on every step: reported, not timed)
+            if not compiled:
+                raise
+            print(f"{name:12s} not timed: {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
+            continue
         yield {
             "name": name,
             "anchor": "conv stack + BatchNorm2d" if with_conv else "BatchNorm2d",
