@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlflow.tracking import MlflowClient
-
 from trainer import tracking
 
 
@@ -37,6 +35,9 @@ def tracked_runs(tracking_uri: str, experiment: str, keys: list[str] | None = No
     """
     if tracking.missing_sqlite(tracking_uri):
         return {}  # nothing ever logged there; do not create an empty database just to look
+    # imported here: mlflow takes seconds to import, and a sweep never tracked does not need it
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     own = found.experiment_id if found is not None else None
@@ -62,5 +63,7 @@ def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None)
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> None:
     """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
+    from mlflow.tracking import MlflowClient
+
     tracking.prepare_store(tracking_uri)
     tracking.ensure_experiment(MlflowClient(tracking_uri=tracking_uri), experiment)

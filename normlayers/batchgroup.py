@@ -54,6 +54,8 @@ class BatchGroupNorm(NormLayer):
         self.init_running_stats(groups)
         if num_features % groups:
             self.register_buffer("positions", torch.tensor(0, dtype=torch.long))
+            # the same size as a Python int, so a forward never reads the buffer back from the device
+            self._positions_seen = 0
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels("bgn", x, self.num_features)
@@ -82,13 +84,16 @@ class BatchGroupNorm(NormLayer):
         if hasattr(self, "positions") and prefix + "positions" not in state_dict:
             state_dict[prefix + "positions"] = torch.zeros_like(self.positions)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if hasattr(self, "positions") and prefix + "positions" in state_dict:
+            self._positions_seen = int(state_dict[prefix + "positions"])
 
     def _check_positions(self, x: Tensor) -> None:
         """Groups that split channels depend on H*W: keep the size the running statistics belong to."""
-        positions, seen = x[0, 0].numel(), int(self.positions)
+        positions, seen = x[0, 0].numel(), self._positions_seen
         if seen == 0:
             if self.training:
                 self.positions.fill_(positions)
+                self._positions_seen = positions
             return
         if positions != seen:
             raise ValueError(

@@ -227,13 +227,16 @@ class CrossIterationBatchNorm(NormLayer):
         update_running(self.running_mean, mean, self.momentum, self.num_batches_tracked)
         update_running(self.running_var, unbiased(var, count), self.momentum, self.num_batches_tracked)
 
-        step = int(self.num_batches_tracked.item())
         conv = self.preceding
         cross_iteration = (
             self.k > 0 and conv is not None and torch.is_grad_enabled() and x.requires_grad
             and conv.weight.requires_grad
         )
         if cross_iteration:
+            # The cross-iteration path is driven from the host anyway (a Python buffer of iterations,
+            # autograd.grad inside the forward), so the step is read here only: plain BN steps (k=0, no
+            # bound layer, no grad) make no host synchronisation and compile as one graph.
+            step = int(self.num_batches_tracked.item())
             batch_mean, batch_var = mean, var
             if step > self.burnin and self._history:
                 mean, var = self._combine(batch_mean, batch_var)

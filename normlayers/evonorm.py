@@ -194,9 +194,10 @@ class EvoNormB0(_EvoNorm):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.training and not self.synchronised:
                 batch_std = None  # the Function takes the local batch's from its per-sample moments
-                count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
-                if count <= 1:
+                values = x.numel() // x.shape[1]
+                if values <= 1:  # a shape, not a tensor: no host synchronisation
                     raise single_value_error("evonorm_b0", x)
+                count = torch.tensor(float(values), device=x.device)
             elif self.training:
                 _, batch_var, count = batch_moments(x, [0, *spatial], self.process_group, who="evonorm_b0")
                 batch_std = torch.sqrt(batch_var.to(dtype) + self.eps)

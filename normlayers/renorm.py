@@ -92,8 +92,10 @@ class BatchRenorm(NormLayer):
                 batch_std = torch.sqrt(batch_var + self.eps)
                 with torch.no_grad():
                     r_limit, d_limit = self.limits()
-                    r = (batch_std / self.running_std).clamp(1.0 / r_limit, r_limit)
-                    offset = ((batch_mean - self.running_mean) / self.running_std).clamp(-d_limit, d_limit)
+                    # detached explicitly as well: under torch.compile a no_grad region's result that
+                    # feeds a differentiable expression was found to carry a gradient (aot_eager)
+                    r = (batch_std.detach() / self.running_std).clamp(1.0 / r_limit, r_limit)
+                    offset = ((batch_mean.detach() - self.running_mean) / self.running_std).clamp(-d_limit, d_limit)
                     self.num_batches_tracked.add_(1)
                     update_running(self.running_mean, batch_mean, self.momentum, self.num_batches_tracked)
                     update_running(self.running_std, batch_std, self.momentum, self.num_batches_tracked)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.registry import register
-from normlayers.stats import affine, check_values_per_statistic, compute_dtype, keep_format
+from normlayers.stats import channel_shape, check_values_per_statistic, compute_dtype, keep_format
 
 
 @register("rms", "RMS Normalization (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) per sample; per-channel gain")
@@ -46,10 +46,17 @@ class RMSNorm(NormLayer):
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(dtype)
-            mean_square = xc.square().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-            y = xc * torch.rsqrt(mean_square + self.eps)
-            y = affine(y, None if self.weight is None else self.weight.to(dtype),
-                       None if self.bias is None else self.bias.to(dtype))
+            # mean square as a squared 2-norm (one reduction pass, no full-size squared temporary), and
+            # the gain folded into the per-sample scale: one multiply(-add) over every value
+            per_sample = tuple(range(1, x.dim()))
+            mean_square = torch.linalg.vector_norm(xc, dim=per_sample, keepdim=True).square() / x[0].numel()
+            scale = torch.rsqrt(mean_square + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight.to(dtype).reshape(channel_shape(x))
+            if self.bias is None:
+                y = xc * scale
+            else:
+                y = torch.addcmul(self.bias.to(dtype).reshape(channel_shape(x)), xc, scale)
         return keep_format(y.to(x.dtype), x)
 
     def extra_repr(self) -> str:

@@ -54,8 +54,12 @@ def batch_moments(
 
     Returns ``(mean, var, count)``; ``mean`` and ``var`` have the shape of ``x`` with ``dims``
     removed, ``count`` is a scalar tensor of the same dtype (values per statistic, over the whole group).
-    ``group`` of ``None`` means the local batch only. Raises ``ValueError`` when a statistic would
-    come from a single value (``who`` names the layer in the message).
+    ``group`` of ``None`` means the local batch only. Raises ``ValueError`` when a local statistic
+    would come from a single value (``who`` names the layer in the message). The check reads shapes
+    only: no value leaves the device, so a forward makes no host synchronisation and compiles as one
+    graph. Synchronised, the group's count is known only after the all-reduce; refusing on it would
+    cost one host synchronisation per layer per step, so a group holding a single value per
+    statistic gets a zero variance (and an all-empty group a zero mean) instead of an error.
     """
     dims = tuple(d % x.dim() for d in dims)
     dtype = compute_dtype(x)
@@ -85,11 +89,10 @@ def batch_moments(
         packed = torch.cat([count, sums.reshape(-1), sq_sums.reshape(-1)])
         total = reduce_sum(packed, group)
         n = total[0]
-        if n.item() <= 1:
-            raise single_value_error(who, x)
         k = sums.numel()
-        mean = total[1 : 1 + k] / n
-        var = (total[1 + k :] / n - mean * mean).clamp_min(0.0)
+        safe_n = n.clamp_min(1.0)  # a group without values: zeros, not NaN (see the docstring)
+        mean = total[1 : 1 + k] / safe_n
+        var = (total[1 + k :] / safe_n - mean * mean).clamp_min(0.0)
         return mean.to(dtype).reshape(sums.shape), var.to(dtype).reshape(sums.shape), n.to(dtype).detach()
 
 
@@ -126,11 +129,10 @@ def batch_covariance(x: Tensor, group=None, who: str = "normalization layer") ->
         count = torch.full((1,), float(local_count), dtype=torch.float64, device=x.device)
         total = reduce_sum(torch.cat([count, sums.reshape(-1), outer.reshape(-1)]), group)
         n = total[0]
-        if n.item() <= 1:
-            raise single_value_error(who, x)
+        safe_n = n.clamp_min(1.0)  # no host synchronisation on the group's count (see batch_moments)
         groups, dims = sums.shape
-        mean = total[1 : 1 + groups * dims].reshape(groups, dims) / n
-        cov = total[1 + groups * dims :].reshape(groups, dims, dims) / n - mean[:, :, None] * mean[:, None, :]
+        mean = total[1 : 1 + groups * dims].reshape(groups, dims) / safe_n
+        cov = total[1 + groups * dims :].reshape(groups, dims, dims) / safe_n - mean[:, :, None] * mean[:, None, :]
         return mean.to(dtype), cov.to(dtype), n.to(dtype).detach()
 
 
@@ -181,11 +183,12 @@ def update_running(
     running: Tensor, batch_value: Tensor, momentum: float | None, num_batches_tracked: Tensor | None
 ) -> None:
     """torch's convention: ``running = (1 - momentum) * running + momentum * batch``;
-    ``momentum=None`` is the cumulative average over the batches seen so far."""
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.1
+    ``momentum=None`` is the cumulative average over the batches seen so far (its factor stays a
+    tensor on the device: no host synchronisation)."""
+    if momentum is None and num_batches_tracked is not None:
+        factor = 1.0 / num_batches_tracked.to(running.dtype)
     else:
-        factor = momentum
+        factor = 0.1 if momentum is None else momentum
     running.lerp_(batch_value.to(running.dtype), factor)
 
 

@@ -43,7 +43,7 @@ from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import resolve_groups
 from normlayers.registry import register
-from normlayers.stats import affine, batch_covariance, compute_dtype, keep_format, single_value_error, update_running
+from normlayers.stats import batch_covariance, compute_dtype, keep_format, single_value_error, update_running
 
 
 def zca_whitening(sigma: Tensor) -> Tensor:
@@ -123,10 +123,16 @@ class _Whitening(NormLayer):
             else:
                 mean = self.running_mean.to(dtype).reshape(self.groups, size)
                 whitening = self.running_whitening.to(dtype)
-            white = whitening @ (grouped - mean[:, :, None])
+            # the affine folded into the whitening matrix's rows and the product's offset (one
+            # baddbmm instead of bmm, multiply and add over every value, forward and backward)
+            if self.weight is not None:
+                whitening = whitening * self.weight.to(dtype).reshape(self.groups, size, 1)
+            centred = grouped - mean[:, :, None]
+            if self.bias is not None:
+                white = torch.baddbmm(self.bias.to(dtype).reshape(self.groups, size, 1), whitening, centred)
+            else:
+                white = whitening @ centred
             y = white.reshape(self.num_features, x.shape[0], *x.shape[2:]).transpose(0, 1)
-            y = affine(y, None if self.weight is None else self.weight.to(dtype),
-                       None if self.bias is None else self.bias.to(dtype))
         return keep_format(y.to(x.dtype).contiguous(), x)
 
     def extra_repr(self) -> str:

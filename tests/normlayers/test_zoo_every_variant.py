@@ -231,3 +231,38 @@ def test_ghost_moments_of_float64_input_are_float64():
     # the variance comes from float64 sums of squares (the form that sums over ranks in one all-reduce):
     # rounding of 1e-16 * (mean / std)^2 = 4e-8 relative here, against 5e-4 for float32 statistics
     torch.testing.assert_close(moments.var, ghosts.var(2, correction=0), rtol=2e-7, atol=0)
+
+
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Output, input gradient and parameter gradients of one step with a fixed output gradient."""
+    leaf = x.clone().requires_grad_()
+    y = layer(leaf)
+    y.backward(torch.linspace(-1.0, 1.0, y.numel()).reshape(y.shape))
+    return (y.detach(), leaf.grad, *(p.grad for p in layer.parameters() if p.requires_grad))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_variant_compiles_as_one_graph_and_matches_eager(name, training):
+    """fullgraph=True fails on any graph break: a ``.item()``, a Python branch on a tensor's value, an
+    op dynamo cannot trace. The aot_eager backend traces forward and backward through AOTAutograd
+    as inductor does, without its C++ code generation (minutes on this machine); the benchmark
+    (benchmarks/norm_layers.py) runs inductor. Two steps: running statistics and step counters
+    carry over between calls, as in training."""
+    torch._dynamo.reset()
+    eager = trained(SPECS[name]).float().train(training)
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    names = [f"grad of {n}" for n, p in eager.named_parameters() if p.requires_grad]
+    for seed in range(2):
+        x = (torch.randn(8, C, 4, 4, generator=torch.Generator().manual_seed(seed)) + 0.5).float()
+        for p in (*eager.parameters(), *compiled.parameters()):
+            p.grad = None
+        torch.manual_seed(seed)  # the same dropout draw (ic) in both
+        want = forward_backward(eager, x)
+        torch.manual_seed(seed)
+        got = forward_backward(step, x)
+        for what, w, g in zip(("output", "input gradient", *names), want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=f"{what}, step {seed}")
+    for (key, w), g in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=f"{key} after two steps")

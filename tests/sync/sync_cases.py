@@ -71,10 +71,11 @@ def rank_slice(scenario: str, rank: int) -> slice:
 
 
 def run(variant: str, scenario: str, rows: slice, prepare=None, sum_grads=None, first_forward=nullcontext,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", first_step=nullcontext) -> dict:
     """Train ``STEPS`` steps on ``rows`` of the scenario's batch. ``prepare`` turns the model into
     its synchronised form, ``sum_grads`` sums parameter gradients over the ranks in place (both None
-    for a single process); the first forward runs inside ``first_forward()``. Results are on the CPU."""
+    for a single process); the first forward runs inside ``first_forward()``, and the first forward
+    and backward together inside ``first_step()``. Results are on the CPU."""
     model = build(variant, scenario).to(device)
     if prepare is not None:
         model = prepare(model)
@@ -82,9 +83,10 @@ def run(variant: str, scenario: str, rows: slice, prepare=None, sum_grads=None, 
     record: dict = {"steps": []}
     for step in range(STEPS):
         x = xs[step][rows].clone().requires_grad_(True)
-        with first_forward() if step == 0 else nullcontext():
-            y = model(x)
-        (y * ws[step][rows]).sum().backward()
+        with first_step() if step == 0 else nullcontext():
+            with first_forward() if step == 0 else nullcontext():
+                y = model(x)
+            (y * ws[step][rows]).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         record["steps"].append({"output": y.detach().cpu(), "input_grad": x.grad.cpu(),
                                 "param_grads": {n: g.cpu() for n, g in grads.items()}})

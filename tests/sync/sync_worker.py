@@ -58,6 +58,35 @@ class CountCollectives:
             setattr(module, name, original)
 
 
+class CountHostReads:
+    """Counts the reads of a tensor's value by the host inside the block (``item``, ``tolist``,
+    ``bool``/``int``/``float`` of a tensor): on a GPU each one waits for the device."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        self.count = 0
+        self._saved: list[tuple[str, object]] = []
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            self._saved.append((name, original))
+            setattr(torch.Tensor, name, self._counted(original))
+        return self
+
+    def _counted(self, original):
+        def call(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    def __exit__(self, *exc):
+        for name, original in self._saved:
+            setattr(torch.Tensor, name, original)
+
+
 def sum_over_ranks(grads: list[torch.Tensor]) -> None:
     for grad in grads:
         dist.all_reduce(grad)
@@ -70,12 +99,12 @@ def main(rank: int, world: int, port: int, out_dir: Path, device: str, cases: li
     )
     for index, case in enumerate(cases):
         variant, scenario = case.split("/")
-        counter = CountCollectives()
+        counter, host_reads = CountCollectives(), CountHostReads()
         try:
             record = sync_cases.run(
                 variant, scenario, sync_cases.rank_slice(scenario, rank),
                 prepare=convert_sync, sum_grads=sum_over_ranks, first_forward=lambda: counter,  # noqa: B023
-                device=device,
+                device=device, first_step=lambda: host_reads,  # noqa: B023
             )
         except Exception as error:  # the test reports it; the pair cannot go on after a failed collective
             message = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -83,6 +112,7 @@ def main(rank: int, world: int, port: int, out_dir: Path, device: str, cases: li
             sys.stdout.flush()
             os._exit(1)
         record["collectives_first_forward"] = counter.count
+        record["host_reads_first_step"] = host_reads.count
         torch.save(record, out_dir / f"{index:03d}.rank{rank}.pt")
     dist.destroy_process_group()
 

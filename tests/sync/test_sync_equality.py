@@ -153,6 +153,20 @@ def test_one_collective_per_layer_call(results, variant):
     assert rank0["collectives_first_forward"] == rank1["collectives_first_forward"] == expected
 
 
+#: a ghost layer reads the ranks' sample counts (shapes, not statistics) to place its ghost batches;
+#: cbn's cross-iteration path (bound here) reads its step counter to decide whether to use its buffer
+HOST_READS_PER_CALL = {"ghost": 1, "cbn": 1}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_host_synchronisation_in_a_synchronised_step(results, variant):
+    """No ``.item()``, ``tolist()`` or Python branch on a tensor's value in the first forward and
+    backward of a synchronised model: on a GPU each would stall the step until the device catches up."""
+    rank0, rank1 = _ranks(results, f"{variant}/uneven")
+    expected = HOST_READS_PER_CALL.get(variant, 0)
+    assert rank0["host_reads_first_step"] == rank1["host_reads_first_step"] == expected
+
+
 def test_every_batch_dependent_variant_is_covered():
     # the paper's batch-dependent families must all be registered and tested here
     assert {"bn", "brn", "bgn", "evonorm_b0", "ghost", "sn", "dbn", "iternorm"} <= set(VARIANTS)
