@@ -138,38 +138,22 @@ def _release(job) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)  # Slurm's requeue hold
 
 
-def test_a_preempted_job_then_a_lost_node_each_resume_into_the_same_mlflow_run(multinode_cluster, write_sweep,
-                                                                               waiter, capsys):
-    names, root = multinode_cluster
-    path, sweep, run, job = _submit(write_sweep, "interrupted", LONG)
+def test_a_preempted_job_resumes_into_the_same_mlflow_run(multinode_cluster, write_sweep, waiter):
+    names, _ = multinode_cluster
+    _, sweep, run, job = _submit(write_sweep, "interrupted", LONG)
     _epoch_logged(sweep, run, 1, waiter)
     # Preemption: what Slurm sends before the time limit or on preemption; submitit's handler on rank 0
     # requeues the job.
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     _requeued(job, waiter, "submitit to requeue the preempted job")
     _release(job)
-    _epoch_logged(sweep, run, 2, waiter)
+    _wait_done(sweep, run.key, waiter, "the resumed run finished")
     log = Path(job.stderr).read_text()
-    assert "Caught signal SIGUSR2" in log and f"resuming run {run.key} from" in log, log[-3000:]
-
-    # A lost node: the second node crashes.
-    lost = names[1]
-    _kill_node(root, lost, job)
-    # Slurm finds the node unresponsive after SlurmdTimeout, marks it DOWN, ends the job on the other node
-    # and requeues it (a batch job is requeued after a node failure by default).
-    _requeued(job, waiter, "Slurm to requeue the job that lost a node")
-    capsys.readouterr()
-    assert sweep_cli.main(["status", str(path)]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(job.job_id))
-    assert "PENDING, requeued 2x" in line, line
-    # The node comes back (ReturnToService=2 puts it in service when its slurmd registers again).
-    subprocess.run(["slurmd", "-f", os.environ["SLURM_CONF"], "-N", lost], check=True)
-    _release(job)
-    _wait_done(sweep, run.key, waiter, "the twice-resumed run finished")
-
-    log = Path(job.stderr).read_text()
-    assert log.count(f"resuming run {run.key} from") == 2, log[-3000:]
+    assert "Caught signal SIGUSR2" in log and log.count(f"resuming run {run.key} from") == 1, log[-3000:]
     _one_run_like_the_uninterrupted_one(sweep, run, names)
+    # A lost node: test_a_job_slurm_does_not_requeue_after_a_lost_node_is_sent_again_by_submit. (Slurm's own
+    # requeue after a node failure is left out: when rank 0 sees the broken connection before Slurm ends the
+    # step, the requeued job can leave the queue without starting again; `sweep submit` then sends it again.)
 
 
 def _kill_node(root: Path, node: str, job) -> None:
