@@ -45,6 +45,13 @@ KIND_TAG, REPORT_KIND = "normlab.kind", "report"
 # MLflow 3's experiment kind: its UI opens a "custom model development" experiment on its runs table,
 # not on the GenAI overview (values as in the MLflow UI's ExperimentKind)
 EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI picks GenAI or model training from a global switch (or this query), not from the tag
+UI_TRAINING_QUERY = "workflowType=machine_learning"
+
+
+def ui_experiment_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs table, in the model-training view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_TRAINING_QUERY}"
 
 RUNNING, FINISHED, DIVERGED = "running", "finished", "diverged"
 DONE_STATUSES = (FINISHED, DIVERGED)

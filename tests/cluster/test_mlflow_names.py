@@ -20,6 +20,9 @@ def test_a_packed_local_sweep_names_its_runs_by_cell(write_sweep, capsys):
     sweep = load_sweep(path)
     client = MlflowClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name("names")
+    # the demo's link opens the runs table in the model-training view
+    assert (f"open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+            in capsys.readouterr().out)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.TRAINING_EXPERIMENT_KIND
     runs = [r for r in client.search_runs([experiment.experiment_id]) if "run_key" in r.data.tags]
     assert len(runs) == 4
