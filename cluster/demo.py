@@ -45,8 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.monotonic() - started) / 60
     print(f"\nnormlab demo: done in {minutes:.1f} min. Browse the runs in the MLflow UI:\n"
           f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {sweep.tracking_uri} --port 5000\n"
-          f"  then open http://127.0.0.1:5000 (experiment {sweep.experiment!r}).")
+          f"  then open {_runs_page(sweep)} (experiment {sweep.experiment!r}).")
     return code
+
+def _runs_page(sweep) -> str:
+    """The experiment's runs table in the UI's model-training view (MLflow 3 opens on GenAI otherwise)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import ui_experiment_url
+
+    experiment = MlflowClient(sweep.tracking_uri).get_experiment_by_name(sweep.experiment)
+    return ui_experiment_url("http://127.0.0.1:5000", experiment.experiment_id) if experiment else "http://127.0.0.1:5000"
+
 
 if __name__ == "__main__":
     sys.exit(main())

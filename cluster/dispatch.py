@@ -25,7 +25,8 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from cluster.jobs import PackedRun, PackedRuns
 from cluster.lease import SUBMIT_LOCK, file_lock
-from cluster.sweep import Sweep, SweepRun
+from cluster.run_names import sweep_run_names
+from cluster.sweep import Sweep, SweepRun, _as_override
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 from trainer.tracking import DONE_STATUSES
 
@@ -202,11 +203,13 @@ def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | 
     # The jobs would otherwise race to create the tracking database and the experiment.
     ensure_experiment(sweep.tracking_uri, sweep.experiment)
     settings = sweep.executor
+    names = sweep_run_names(sweep.runs)  # over the whole sweep, so names stay unique across submissions
     packs = [todo[i : i + settings.runs_per_job] for i in range(0, len(todo), settings.runs_per_job)]
     functions = [
         PackedRuns(
             sweep.base,
-            [PackedRun(run.key, run.label, run.overrides) for run in pack],
+            [PackedRun(run.key, run.label, run.overrides + [_as_override("tracking.run_name", names[run.key])])
+             for run in pack],
             sweep.tracking_uri,
             sweep.experiment,
             threads=settings.cpus_per_task,

@@ -40,6 +40,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster import report_stats
 from trainer import tracking
 from trainer.outcome import at_chance
 
@@ -403,7 +404,8 @@ def plot_batch_regimes(data: dict, path: Path) -> dict:
         y = [p["mean_error"] for p in points]
         std = [p["std_error"] for p in points]
         (line,) = ax.plot(x, y, marker="o", label=norm)
-        spread = [(xi, yi, si) for xi, yi, si in zip(x, y, std, strict=True) if si is not None]
+        band = [p.get("ci_half") for p in points]  # the 95% t interval over seeds
+        spread = [(xi, yi, si) for xi, yi, si in zip(x, y, band, strict=True) if si is not None]
         if spread:
             sx, sy, ss = zip(*spread, strict=True)
             ax.fill_between(sx, [a - b for a, b in zip(sy, ss, strict=True)],
@@ -414,7 +416,7 @@ def plot_batch_regimes(data: dict, path: Path) -> dict:
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("per-device batch size")
     ax.set_ylabel("validation error (1 - val_acc)")
-    ax.set_title("Batch-size regimes (mean ± std over seeds, best stable lr per point)")
+    ax.set_title(f"Batch-size regimes (mean, {report_stats.INTERVAL_NAME} over seeds, best stable lr per point)")
     ax.grid(True, alpha=0.3)
     ax.legend(title="norm")
     fig.savefig(path, dpi=110)
@@ -536,12 +538,14 @@ def build_report(records: list[RunRecord], out: Path) -> tuple[list[Section], li
     notes += regime_notes
     if len(batch_sizes) == 1:
         notes.append(f"one per-device batch size ({batch_sizes[0]}): the batch-regime panel has one point per norm")
+    report_stats.add_intervals(regimes, records)
     if regimes:
         plotted["batch"] = plot_batch_regimes(regimes, out / FIGURE_FILES["batch"])
         rows = [[norm, str(p["batch_size"]), _lr_label(p["lr"]), str(p["seeds"]), _fmt(p["mean_error"]),
-                 _fmt(p["std_error"])] for norm, points in regimes.items() for p in points]
+                 _fmt(p["std_error"]), _fmt(p["ci_half"])] for norm, points in regimes.items() for p in points]
         table = Table("Validation error by per-device batch size",
-                      ["norm", "batch", "lr", "seeds", "val error mean", "val error std"], rows)
+                      ["norm", "batch", "lr", "seeds", "val error mean", "val error std",
+                       f"{report_stats.INTERVAL_NAME} ±"], rows)
         sections.append(Section("Batch-size regimes", FIGURE_FILES["batch"], [table]))
 
     if len(lrs) < 2:
@@ -659,8 +663,11 @@ def study_sections(records: list[RunRecord], out: Path) -> tuple[list[Section], 
     return sections, notes, plotted
 
 
-def render_markdown(heading: str, summary: str, sections: list[Section], notes: list[str]) -> str:
+def render_markdown(heading: str, summary: str, sections: list[Section], notes: list[str],
+                    findings: list[str] | None = None) -> str:
     lines = [f"# {heading}", "", summary, ""]
+    if findings:
+        lines += ["## Findings", ""] + [f"- {finding}" for finding in findings] + [""]
     if notes:
         lines += ["## What the runs do not allow", ""] + [f"- {note}" for note in notes] + [""]
     for section in sections:
@@ -675,7 +682,8 @@ def render_markdown(heading: str, summary: str, sections: list[Section], notes: 
     return "\n".join(lines)
 
 
-def render_html(heading: str, summary: str, sections: list[Section], notes: list[str], out: Path) -> str:
+def render_html(heading: str, summary: str, sections: list[Section], notes: list[str], out: Path,
+                findings: list[str] | None = None) -> str:
     esc = html.escape
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(heading)}</title>",
@@ -684,6 +692,8 @@ def render_html(heading: str, summary: str, sections: list[Section], notes: list
         "img{max-width:100%}</style></head><body>",
         f"<h1>{esc(heading)}</h1>", f"<p>{esc(summary)}</p>",
     ]
+    if findings:
+        parts += ["<h2>Findings</h2><ul>"] + [f"<li>{esc(f)}</li>" for f in findings] + ["</ul>"]
     if notes:
         parts += ["<h2>What the runs do not allow</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in notes] + ["</ul>"]
     for section in sections:
@@ -803,8 +813,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = (f"{len(records)} training run(s), {n_seeds} seed(s), from experiment {experiment_name!r} "
                f"at {uri}.")
     files = [out / s.figure for s in sections if s.figure]
-    (out / "report.md").write_text(render_markdown(heading, summary, sections, notes) + "\n")
-    (out / "report.html").write_text(render_html(heading, summary, sections, notes, out))
+    findings = report_stats.findings(batch_regime_data(records)[0], records)
+    (out / "report.md").write_text(render_markdown(heading, summary, sections, notes, findings) + "\n")
+    (out / "report.html").write_text(render_html(heading, summary, sections, notes, out, findings))
     files += [out / "report.md", out / "report.html"]
 
     for note in notes:

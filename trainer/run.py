@@ -213,6 +213,7 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
                                       log_model=cfg.tracking.log_checkpoints)
         if trainer.is_global_zero:
             run_id = logger.run_id  # creates the MLflow run (with its tags) unless resuming
+            tracking.mark_training_experiment(client, client.get_experiment(logger.experiment_id))
             if previous is None:
                 (run_dir / "mlflow_run_id").write_text(run_id + "\n")
                 params = {**flatten(cfg), "derived.global_batch_size": global_batch,

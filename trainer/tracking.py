@@ -42,6 +42,16 @@ STATS_BATCH_SIZE_TAG = "stats_batch_size"  # the batch one (virtual) device norm
 NODES_TAG, NUM_NODES_TAG = "nodes", "num_nodes"  # where the ranks ran (trainer.distributed)
 OUTCOME_TAG = "normlab.outcome"  # trainer.outcome's class; normlab.status only says whether the run is over
 KIND_TAG, REPORT_KIND = "normlab.kind", "report"
+# MLflow 3's experiment kind: its UI opens a "custom model development" experiment on its runs table,
+# not on the GenAI overview (values as in the MLflow UI's ExperimentKind)
+EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI picks GenAI or model training from a global switch (or this query), not from the tag
+UI_TRAINING_QUERY = "workflowType=machine_learning"
+
+
+def ui_experiment_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs table, in the model-training view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_TRAINING_QUERY}"
 
 RUNNING, FINISHED, DIVERGED = "running", "finished", "diverged"
 DONE_STATUSES = (FINISHED, DIVERGED)
@@ -159,11 +169,19 @@ def ensure_experiment(client: Any, name: str) -> str:
     ``MLFlowLogger``."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        mark_training_experiment(client, found)
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
     except Exception:
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
+        mark_training_experiment(client, found)
         return found.experiment_id
+
+
+def mark_training_experiment(client: Any, experiment: Any) -> None:
+    """Tag the experiment as model training (MLflow 3's UI then opens on its runs) unless it says its kind."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)

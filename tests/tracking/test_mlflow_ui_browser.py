@@ -76,3 +76,50 @@ def test_the_mlflow_ui_shows_the_experiment_a_run_metric_and_the_report_figure(m
     for shot in shots:
         assert shot.stat().st_size > 10_000
         print(f"screenshot: {shot}")
+
+
+def test_a_sweep_opens_on_its_runs_table_with_distinct_cell_names(mlflow_server, tmp_path):
+    """The experiment's link opens on its runs in the model-training view, not MLflow 3's GenAI overview,
+    and the runs table shows each run's cell name (the names dispatch gives them)."""
+    import yaml
+    from playwright.sync_api import expect, sync_playwright
+
+    from cluster.run_names import sweep_run_names
+    from cluster.sweep import load_sweep
+    from trainer import tracking
+
+    path = tmp_path / "ui-names.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "ui-names", "overrides": {"tracking.uri": mlflow_server.url, "output.root": str(tmp_path / "runs")},
+        "grid": {"model.norm": ["bn", "gn:groups=2"], "optim.lr": [0.1]}, "seeds": [0, 1],
+        "executor": {"kind": "local"}}))
+    sweep = load_sweep(path)
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = tracking.ensure_experiment(client, sweep.experiment)
+    names = sweep_run_names(sweep.runs)
+    assert len(set(names.values())) == len(sweep.runs) == 4
+    for run in sweep.runs:
+        run_id = client.create_run(experiment_id, run_name=names[run.key], tags={"run_key": run.key}).info.run_id
+        client.log_metric(run_id, "val_acc", 0.5)
+        client.set_terminated(run_id)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            # the link normlab prints: MLflow 3.17 takes the training view from it, not from the kind tag
+            page.goto(tracking.ui_experiment_url(mlflow_server.url, experiment_id))
+            for name in names.values():
+                expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_text("4 matching runs")).to_be_visible()
+            expect(page.get_by_text("Overview", exact=True)).to_have_count(0)  # the GenAI side bar's first page
+            assert "/runs" in page.url, page.url
+            shot = tmp_path / "sweep-runs-table.png"
+            page.screenshot(path=shot)
+        finally:
+            browser.close()
+    assert sorted(names.values()) == ["bn b64 lr0.1 s0", "bn b64 lr0.1 s1",
+                                      "gn:groups=2 b64 lr0.1 s0", "gn:groups=2 b64 lr0.1 s1"]
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
