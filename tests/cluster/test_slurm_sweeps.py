@@ -67,7 +67,7 @@ def test_six_run_sweep_finishes_and_resubmitting_submits_nothing(slurm_cluster, 
     assert len(read_record(sweep)) == 3
     assert sweep_cli.main(["status", str(path)]) == 0
     total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
-    assert total.split() == ["total", "6", "0", "0", "0", "0", "0"]  # all six in the `finished` column
+    assert total.split() == ["total", "6", "0", "0", "0", "0", "0", "0"]  # all six in the `finished` column
 
 
 def _one_run_training(write_sweep, waiter, name: str, norm: str, overrides: dict):

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,25 +25,39 @@ ARGS = ["model.arch=cifar_resnet", "model.depth=8", "model.width=4", "data.batch
 
 def test_random_kills_then_finish_equal_the_uninterrupted_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    started = time.monotonic()
     whole = train(load_config(None, [*ARGS, f"tracking.uri={uri}", "tracking.experiment=whole",
                                      f"output.root={tmp_path / 'whole'}"]))
     args = [*ARGS, f"tracking.uri={uri}", "tracking.experiment=soak", f"output.root={tmp_path / 'soak'}"]
     run_dir = tmp_path / "soak" / whole.run_key
+    # kills land inside training at any machine speed: each waits for its process to train, then a random
+    # share of what the whole run took (so a resumed run, which has less left, is still killed mid-way)
+    duration = time.monotonic() - started
     normlab = Path(sys.executable).with_name("normlab")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process run above (tests/conftest.py): same kernels
     rng = random.Random(int(os.environ.get("NORMLAB_SOAK_SEED", "0")))
     kills = 0
     for _ in range(KILLS):
         proc = subprocess.Popen([str(normlab), "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=env)
+                                env=env, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stderr), daemon=True)
+        reader.start()
+        fresh = not (run_dir / "mlflow_run_id").exists()
+
+        def training(fresh=fresh, lines=lines) -> bool:
+            # a new run has its MLflow run id once training starts; a resumed one says it is resuming
+            return (run_dir / "mlflow_run_id").exists() if fresh else any("resuming run" in line for line in lines)
+
         deadline = time.monotonic() + 240
-        while not (run_dir / "mlflow_run_id").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # wait for training to start: the kill falls inside training, not its start-up
-        time.sleep(rng.uniform(0.0, 2.5))
+        while not training() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the kill falls inside training, not its start-up
+        time.sleep(rng.uniform(0.05, 0.35) * duration)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
         if (run_dir / "result.json").exists():
             break
     final = subprocess.run([str(normlab), "train", *args], capture_output=True, text=True, timeout=300, env=env)

@@ -123,4 +123,4 @@ def test_unreachable_tracking_server_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     line = _error(capsys, ["model.depth=8", "trainer.max_steps=1", "tracking.uri=http://127.0.0.1:9"])
-    assert line.startswith("normlab train: tracking.uri: MLflow at http://127.0.0.1:9 failed")
+    assert line.startswith("normlab train: tracking.uri: no MLflow server answers at http://127.0.0.1:9")
