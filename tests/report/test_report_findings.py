@@ -12,7 +12,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from cluster.report import main
-from cluster.report_stats import compare, t_half_width
+from cluster.report.stats import compare, t_half_width
 
 # t(0.975, df) read from a printed Student-t table: independent of the module's own table.
 T_TABLE = {1: 12.706, 2: 4.303, 4: 2.776}

@@ -10,7 +10,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from cluster.report import RunRecord, build_report, depth_setting, main, read_runs, study_sections
+from cluster.report import RunRecord, build_panels, depth_setting, main, read_runs
 
 LRS = (0.1, 0.4, 1.6)
 DIVERGED = {("bn", 1.6, 1), ("none", 0.4, 0), ("none", 1.6, 0), ("none", 1.6, 1)}  # (norm, lr, seed)
@@ -74,8 +74,8 @@ def test_panels_show_the_logged_initial_and_final_values(store, tmp_path):
     uri, client, ids = store
     records, _ = read_runs(client, ids["studies"])
     assert len(records) == 12
-    _, notes, plotted = build_report(records, tmp_path)
-    depth = plotted["depth"]
+    panels = {p.key: p for p in build_panels(records, tmp_path)[0]}
+    depth = panels["depth"].plotted
     for norm in ("bn", "none"):
         for stat in ("act_std", "grad_norm"):
             for which, key in ((0, f"{stat}_init"), (1, stat)):
@@ -83,9 +83,8 @@ def test_panels_show_the_logged_initial_and_final_values(store, tmp_path):
                 expected = [mean([PROBES[(norm, s)][stat][which][i] for s in (0, 1)]) for i in range(3)]
                 assert x == [0, 1, 2] and y == pytest.approx(expected), (norm, key)
 
-    sections, notes, plotted = study_sections(records, tmp_path)
-    assert plotted["concentration"] == pytest.approx({"bn": 0.13, "none": 0.46})
-    fisher = plotted["fisher"]
+    assert panels["concentration"].plotted == pytest.approx({"bn": 0.13, "none": 0.46})
+    fisher = panels["fisher"].plotted
     assert set(fisher) == {("bn", 8), ("none", 8)}
     for norm, largest in (("bn", 0.4), ("none", 0.1)):
         point = fisher[(norm, 8)]
@@ -93,7 +92,8 @@ def test_panels_show_the_logged_initial_and_final_values(store, tmp_path):
         assert point["lr_max"] == pytest.approx(mean([2 / v for v in lams]))
         assert point["lr_max_momentum"] == pytest.approx(mean([3.8 / v for v in lams]))
         assert point["largest_stable_lr"] == largest
-    assert notes == [] and [s.title for s in sections] == [
+    studies = [panels["concentration"], panels["fisher"]]
+    assert [p.notes for p in studies] == [[], []] and [p.title for p in studies] == [
         "Output-gradient concentration at initialisation", "Fisher-predicted maximal learning rate"]
     for name in ("grad_concentration.png", "fisher_lr.png", "depth_stats.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -125,7 +125,7 @@ def test_without_the_study_probes_the_report_says_what_is_missing(store, tmp_pat
 def test_the_depth_panel_compares_norms_where_they_trained():
     def record(norm, lr, acc, diverged=False):
         return RunRecord(run_id=f"{norm}{lr}", norm=norm, batch_size=8, lr=lr, seed=0, val_acc=acc,
-                         diverged=diverged, act_std={0: 1.0})
+                         outcome="diverged" if diverged else "finished", act_std={0: 1.0})
 
     # every lr has probes of both norms: the lr where they trained best, not the smallest (barely moved)
     records = [record(n, lr, acc) for n in ("bn", "none") for lr, acc in ((1e-4, 0.2), (0.01, 0.95), (1.0, 0.1))]

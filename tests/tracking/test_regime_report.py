@@ -8,7 +8,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.report import build_report, main, read_runs
+from cluster.report import build_panels, main, read_runs
 
 # Worked out by hand from KNOWN_ACC in conftest.py (error = 1 - val_acc, seeds 0 and 1).
 # Per (norm, batch): the lr with the lowest mean error among lrs where no seed diverged.
@@ -57,9 +57,11 @@ def test_figure_data_equals_the_logged_values(mlflow_server, known_experiment, t
     records, notes = read_runs(MlflowClient(mlflow_server.url), known_experiment["id"])
     assert len(records) == 24
     assert any("1 run(s) not finished" in note for note in notes)
-    sections, panel_notes, plotted = build_report(records, tmp_path)
-    assert panel_notes == []
-    assert [s.title for s in sections][:2] == ["Batch-size regimes", "Learning-rate stability"]
+    panels, run_notes = build_panels(records, tmp_path)
+    by_key = {p.key: p for p in panels}
+    assert run_notes == [] and [by_key[key].notes for key in ("batch", "lr", "depth")] == [[], [], []]
+    assert [p.title for p in panels if p.shown][:2] == ["Batch-size regimes", "Learning-rate stability"]
+    plotted = {key: p.plotted for key, p in by_key.items()}
 
     for norm, points in EXPECTED_REGIMES.items():
         x, y, std = plotted["batch"][norm]

@@ -1,4 +1,4 @@
-"""Uncertainty for the report: 95% Student-t intervals over seeds and paired norm comparisons.
+"""Uncertainty for the report's panels: 95% Student-t intervals over seeds and paired norm comparisons.
 
 A point of the batch-regime panel is the mean validation error over seeds; with n >= 2 seeds its
 95% interval is mean +- t(0.975, n-1) * s / sqrt(n). Two norms at one per-device batch size are
@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from itertools import combinations
 
 CONFIDENCE = 0.95
 INTERVAL_NAME = "95% t interval"
@@ -78,38 +77,3 @@ def compare(norm_a: str, errors_a: dict[int, float], norm_b: str, errors_b: dict
     mean = statistics.fmean(diffs)
     worse, better = (norm_a, norm_b) if mean >= 0 else (norm_b, norm_a)
     return Comparison(worse, better, batch_size, abs(mean), t_half_width(diffs), len(shared))
-
-
-def point_errors(records, norm: str, batch_size: int, lr: float) -> dict[int, float]:
-    """``{seed: validation error}`` of the runs making one batch-regime point."""
-    return {r.seed: 1.0 - r.val_acc for r in records
-            if r.norm == norm and r.batch_size == batch_size and r.lr == lr and not r.diverged}
-
-
-def add_intervals(regimes: dict, records) -> None:
-    """Give every batch-regime point its ``ci_half`` (95% t half-width; None with one seed)."""
-    for norm, points in regimes.items():
-        for p in points:
-            p["ci_half"] = t_half_width(list(point_errors(records, norm, p["batch_size"], p["lr"]).values()))
-
-
-def findings(regimes: dict, records) -> list[str]:
-    """The report's findings: every pair of norms at every shared batch size, resolved ones first."""
-    if not regimes:
-        return []
-    if max(p["seeds"] for points in regimes.values() for p in points) < 2:
-        return ["One seed per setting: no confidence interval can be given, so no difference between norms "
-                "is stated as a finding; run at least 2 seeds (5 to resolve small gaps)."]
-    comparisons = []
-    for norm_a, norm_b in combinations(sorted(regimes), 2):
-        at_b = {p["batch_size"]: p for p in regimes[norm_b]}
-        for pa in regimes[norm_a]:
-            pb = at_b.get(pa["batch_size"])
-            if pb is None:
-                continue
-            c = compare(norm_a, point_errors(records, norm_a, pa["batch_size"], pa["lr"]),
-                        norm_b, point_errors(records, norm_b, pb["batch_size"], pb["lr"]), pa["batch_size"])
-            if c is not None:
-                comparisons.append(c)
-    comparisons.sort(key=lambda c: (not c.resolved, c.batch_size, c.worse, c.better))
-    return [c.sentence() for c in comparisons]

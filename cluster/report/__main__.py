@@ -1,0 +1,5 @@
+import sys
+
+from cluster.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""Batch-size regimes: validation error against per-device batch size, one line per norm, each point the
+mean over seeds at the learning rate that did best there, with its 95% t interval; the paired norm
+comparisons (the report's first findings) and each norm's regime boundary, the smallest per-device
+batch from which on it is not significantly worse than at its best batch."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+from cluster.report import stats
+from cluster.report.panel import Panel, Table, figure, fmt, lr_label
+from cluster.report.records import RunRecord
+
+FIGURE = "batch_regimes.png"
+TITLE = "Batch-size regimes"
+
+
+def batch_regime_data(records: list[RunRecord]) -> tuple[dict, list[str]]:
+    """Validation error per (norm, batch size) over seeds, at the best learning rate with no unstable seed.
+
+    Returns ``{norm: [{"batch_size", "lr", "seeds", "mean_error", "std_error", "ci_half"}, ...]}`` sorted
+    by batch size (``std_error`` and ``ci_half`` None with one seed) and notes on points that could not be made.
+    """
+    cells: dict[tuple[str, int, float], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        cells[(r.norm, r.batch_size, r.lr)].append(r)
+    by_point: dict[tuple[str, int], list[tuple[float, list[RunRecord]]]] = defaultdict(list)
+    for (norm, batch_size, lr), runs in cells.items():
+        by_point[(norm, batch_size)].append((lr, runs))
+    data: dict[str, list[dict]] = {}
+    notes = []
+    for (norm, batch_size), candidates in sorted(by_point.items()):
+        # A learning rate that diverged or collapsed in any seed is not a usable setting for this point.
+        stable = [(lr, runs) for lr, runs in candidates if not any(r.unstable for r in runs)]
+        if not stable:
+            notes.append(f"{norm} at per-device batch {batch_size}: each lr diverged in some seed: no point")
+            continue
+        scored = [([1.0 - r.val_acc for r in runs], lr) for lr, runs in stable]
+        errors, lr = min(scored, key=lambda item: (statistics.fmean(item[0]), item[1]))
+        mean = statistics.fmean(errors)
+        std = statistics.stdev(errors) if len(errors) > 1 else None
+        data.setdefault(norm, []).append({"batch_size": batch_size, "lr": lr, "seeds": len(errors),
+                                          "mean_error": mean, "std_error": std,
+                                          "ci_half": stats.t_half_width(errors)})
+    return data, notes
+
+
+def point_errors(records, norm: str, batch_size: int, lr: float) -> dict[int, float]:
+    """``{seed: validation error}`` of the runs making one batch-regime point."""
+    return {r.seed: 1.0 - r.val_acc for r in records
+            if r.norm == norm and r.batch_size == batch_size and r.lr == lr and not r.unstable}
+
+
+def findings(regimes: dict, records) -> list[str]:
+    """Every pair of norms at every shared batch size, paired on shared seeds, resolved ones first."""
+    if not regimes:
+        return []
+    if max(p["seeds"] for points in regimes.values() for p in points) < 2:
+        return ["One seed per setting: no confidence interval can be given, so no difference between norms "
+                "is stated as a finding; run at least 2 seeds (5 to resolve small gaps)."]
+    comparisons = []
+    for norm_a, norm_b in combinations(sorted(regimes), 2):
+        at_b = {p["batch_size"]: p for p in regimes[norm_b]}
+        for pa in regimes[norm_a]:
+            pb = at_b.get(pa["batch_size"])
+            if pb is None:
+                continue
+            c = stats.compare(norm_a, point_errors(records, norm_a, pa["batch_size"], pa["lr"]),
+                              norm_b, point_errors(records, norm_b, pb["batch_size"], pb["lr"]), pa["batch_size"])
+            if c is not None:
+                comparisons.append(c)
+    comparisons.sort(key=lambda c: (not c.resolved, c.batch_size, c.worse, c.better))
+    return [c.sentence() for c in comparisons]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where a norm's regime begins: from ``batch_size`` up it is not significantly worse than at ``best``."""
+
+    norm: str
+    best: int  # the per-device batch with the lowest mean error
+    batch_size: int  # the smallest batch from which on no batch is significantly worse than the best
+    below: stats.Comparison | None  # the next smaller batch against the best: resolved worse (None: none tried)
+    seeds: int  # the fewest shared seeds of the comparisons the boundary rests on
+
+    def sentence(self) -> str:
+        start = f"{self.norm}: not significantly worse than at its best per-device batch ({self.best})"
+        evidence = f"paired 95% t interval, {self.seeds} seeds"
+        if self.below is None:
+            return f"{start} at every per-device batch tried, down to {self.batch_size} ({evidence})."
+        worse = self.below
+        return (f"{start} from per-device batch {self.batch_size} up; at {worse.batch_size} it is worse by "
+                f"{100 * worse.difference:.1f} ± {100 * worse.half_width:.1f} points ({evidence}): the regime "
+                f"boundary lies between {worse.batch_size} and {self.batch_size}.")
+
+
+def boundaries(regimes: dict, records) -> tuple[list[Boundary], list[str]]:
+    """Each norm's regime boundary (norms with >= 2 batch sizes and >= 2 shared seeds), and notes on the others."""
+    out, notes = [], []
+    for norm, points in regimes.items():
+        if len(points) < 2:
+            continue  # a batch-independent norm run at one batch: nothing to bound
+        best = min(points, key=lambda p: (p["mean_error"], -p["batch_size"]))
+        best_errors = point_errors(records, norm, best["batch_size"], best["lr"])
+        boundary, below, seeds = best["batch_size"], None, best["seeds"]
+        smaller = sorted((p for p in points if p["batch_size"] < best["batch_size"]), key=lambda p: -p["batch_size"])
+        for p in smaller:  # down from the best batch until one is significantly worse
+            c = stats.compare(norm, point_errors(records, norm, p["batch_size"], p["lr"]),
+                              f"{norm} at {best['batch_size']}", best_errors, p["batch_size"])
+            if c is None or c.half_width is None:
+                seeds = 1
+                break
+            seeds = min(seeds, c.seeds)
+            if c.resolved and c.worse == norm:
+                below = c
+                break
+            boundary = p["batch_size"]
+        if seeds < 2:
+            notes.append(f"{norm}: fewer than 2 shared seeds between batch sizes: no regime boundary can be given")
+            continue
+        out.append(Boundary(norm, best["batch_size"], boundary, below, seeds))
+    return out, notes
+
+
+def plot(data: dict, path: Path) -> dict:
+    """Validation error vs per-device batch size; returns the plotted series ``{norm: (x, y, std)}``."""
+    fig, (ax,) = figure(7, 4.5)
+    plotted = {}
+    for norm, points in data.items():
+        x = [p["batch_size"] for p in points]
+        y = [p["mean_error"] for p in points]
+        (line,) = ax.plot(x, y, marker="o", label=norm)
+        band = [(p["batch_size"], p["mean_error"], p["ci_half"]) for p in points if p["ci_half"] is not None]
+        if band:
+            bx, by, bh = zip(*band, strict=True)
+            ax.fill_between(bx, [a - b for a, b in zip(by, bh, strict=True)],
+                            [a + b for a, b in zip(by, bh, strict=True)], color=line.get_color(), alpha=0.2)
+        plotted[norm] = (x, y, [p["std_error"] for p in points])
+    ax.set_xscale("log", base=2)
+    ticks = sorted({p["batch_size"] for points in data.values() for p in points})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("per-device batch size")
+    ax.set_ylabel("validation error (1 - val_acc)")
+    ax.set_title(f"Batch-size regimes (mean, {stats.INTERVAL_NAME} over seeds, best stable lr per point)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="norm")
+    fig.savefig(path, dpi=110)
+    return plotted
+
+
+def panel(records: list[RunRecord], out: Path) -> Panel:
+    regimes, notes = batch_regime_data(records)
+    batch_sizes = sorted({r.batch_size for r in records})
+    if len(batch_sizes) == 1:
+        notes.append(f"one per-device batch size ({batch_sizes[0]}): the batch-regime panel has one point per norm")
+    result = Panel("batch", TITLE, notes=notes, data=regimes)
+    if not regimes:
+        return result
+    result.plotted = plot(regimes, out / FIGURE)
+    result.figure = FIGURE
+    rows = [[norm, str(p["batch_size"]), lr_label(p["lr"]), str(p["seeds"]), fmt(p["mean_error"]),
+             fmt(p["std_error"]), fmt(p["ci_half"])] for norm, points in regimes.items() for p in points]
+    result.tables.append(Table("Validation error by per-device batch size",
+                               ["norm", "batch", "lr", "seeds", "val error mean", "val error std",
+                                f"{stats.INTERVAL_NAME} ±"], rows))
+    result.findings = findings(regimes, records)
+    if max(p["seeds"] for points in regimes.values() for p in points) >= 2:
+        found, boundary_notes = boundaries(regimes, records)
+        result.notes += boundary_notes
+        result.findings += [b.sentence() for b in found]
+        if found:
+            title = "Regime boundary (smallest per-device batch not significantly worse than the best)"
+            result.tables.append(Table(title, [
+                "norm", "best batch", "boundary batch", "next smaller batch", "worse there by", "seeds"],
+                [[b.norm, str(b.best), str(b.batch_size), "–" if b.below is None else str(b.below.batch_size),
+                  "–" if b.below is None else f"{fmt(b.below.difference)} ± {fmt(b.below.half_width)}", str(b.seeds)]
+                 for b in found]))
+    return result
