@@ -34,6 +34,7 @@ from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastVal
 from trainer.checkpoint_io import AtomicCheckpointIO, previous_of, resumable
 from trainer.config import ConfigError, flatten, run_key, validated
 from trainer.data import build_datamodule
+from trainer.dataset_input import log_dataset_input
 from trainer.distributed import NodeNames
 from trainer.epoch_metrics import EpochMetricsInCheckpoint
 from trainer.module import NormClassifier, effective_lr
@@ -221,6 +222,7 @@ def _open_tracking(run: _Prepared, trainer: pl.Trainer) -> tuple[MLFlowLogger, M
                           "derived.num_classes": run.datamodule.num_classes}
                 logger.log_hyperparams(params)
                 client.log_artifact(run_id, str(run_dir / "config.yaml"))
+                log_dataset_input(client, run_id, cfg.data, run.datamodule)  # the runs table's Dataset column
             else:
                 client.update_run(run_id, status="RUNNING")
                 client.set_tag(run_id, tracking.STATUS_TAG, tracking.RUNNING)
