@@ -3,8 +3,8 @@
 MLflow's ``GetMetricHistoryBulkInterval`` returns one metric of up to 100 runs restricted to a step
 range: with the range [0, 0] and one result per run, each run's step-0 value. A tracking server is
 asked over its REST API, several requests at a time (it serves them in parallel workers); a local
-store (SQLite) is asked through its own store object, in one process. Any other store falls back to
-one ``get_metric_history`` per run and key.
+SQL store answers one query per metric key (:mod:`cluster.report.local_store`; its own bulk call asks
+run by run). Any other store falls back to one ``get_metric_history`` per run and key.
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ _ENDPOINT = "/api/2.0/mlflow/metrics/get-history-bulk-interval"
 def values_at_step_zero(client, wanted: dict[str, list[str]]) -> dict[str, dict[str, float]]:
     """``{run_id: {key: value at step 0}}`` for each ``key -> [run ids]`` in ``wanted`` (runs that did not
     log the key at step 0 are left out)."""
-    requests = [(key, run_ids[i:i + BULK_RUNS]) for key, run_ids in wanted.items()
-                for i in range(0, len(run_ids), BULK_RUNS)]
+    from cluster.report import local_store
+
+    store = client._tracking_client.store  # MlflowClient does not expose the bulk call; its store does
+    local = local_store.sql_store(client)
+    requests = list(wanted.items()) if local is not None else [
+        (key, run_ids[i:i + BULK_RUNS]) for key, run_ids in wanted.items() for i in range(0, len(run_ids), BULK_RUNS)]
     if not requests:
         return {}
-    store = client._tracking_client.store  # MlflowClient does not expose the bulk call; its store does
-    if hasattr(store, "get_host_creds"):  # a tracking server (RestStore)
+    if local is not None:
+        answers = [local_store.values_at_step_zero(local, *request) for request in requests]
+    elif hasattr(store, "get_host_creds"):  # a tracking server (RestStore)
         with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
             answers = list(pool.map(lambda request: _from_server(store, *request), requests))
-    elif _has_bulk(store):
-        answers = [_from_store(store, *request) for request in requests]
     else:
         answers = [_one_by_one(client, *request) for request in requests]
     out: dict[str, dict[str, float]] = {}
@@ -36,18 +39,6 @@ def values_at_step_zero(client, wanted: dict[str, list[str]]) -> dict[str, dict[
         for run_id, value in answer:
             out.setdefault(run_id, {})[key] = value
     return out
-
-
-def _has_bulk(store) -> bool:
-    from mlflow.store.tracking.abstract_store import AbstractStore
-
-    implementation = getattr(type(store), "get_metric_history_bulk_interval", None)
-    return implementation is not None and implementation is not AbstractStore.get_metric_history_bulk_interval
-
-
-def _from_store(store, key: str, run_ids: list[str]) -> list[tuple[str, float]]:
-    metrics = store.get_metric_history_bulk_interval(run_ids, key, max_results=1, start_step=0, end_step=0)
-    return [(m.run_id, m.value) for m in metrics if m.step == 0]
 
 
 def _from_server(store, key: str, run_ids: list[str]) -> list[tuple[str, float]]:

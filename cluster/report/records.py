@@ -8,7 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from cluster.report import history
+from cluster.report import history, local_store
 from trainer import tracking
 from trainer.outcome import OUTCOMES, at_chance
 
@@ -19,6 +19,9 @@ FISHER_KEYS = ("fisher/lambda_max", "fisher/lr_max", "fisher/lr_max_momentum")
 NORM_STATS = ("running", "precise", "batch")  # trainer.norm_eval's kinds: val_acc/<kind>
 # the outcome classes that make a learning rate unstable; not_learning is stable, it only did not learn
 UNSTABLE = ("diverged", "collapsed")
+# every param the report reads (record_from_run, norm_label, outcome_of): a local store is asked for these only
+PARAMS_READ = ("model.norm", "data.batch_size", "optim.lr", "seed", "derived.num_classes", "trainer.sync_norm",
+               "model.norm_init_scale", "model.norm_placement", "optim.precondition")
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,11 @@ def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple
     again) counts once: its newest run.
     """
     records, seen_keys, unusable, unfinished, foreign = [], set(), 0, 0, 0
-    ids = experiment_id if keys is None else tracking.experiment_ids(client)
-    for run in tracking.iter_runs(client, ids, newest_first=True):
+    ids = [experiment_id] if keys is None else tracking.experiment_ids(client)
+    store = local_store.sql_store(client)
+    runs = (local_store.search_runs(store, ids, PARAMS_READ) if store is not None
+            else tracking.iter_runs(client, ids, newest_first=True))
+    for run in runs:
         tags = run.data.tags
         if tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
             continue
