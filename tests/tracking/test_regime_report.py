@@ -83,6 +83,8 @@ def test_figure_data_equals_the_logged_values(mlflow_server, known_experiment, t
             x, y = plotted["depth"][norm][stat]
             assert x == [0, 1, 2]
             assert all(close(a, b) for a, b in zip(y, values, strict=True)), (norm, stat, y)
+            # the step-0 values, read from the server in bulk (GetMetricHistoryBulkInterval)
+            assert plotted["depth"][norm][f"{stat}_init"] == ([0, 1, 2], [99.0, 99.0, 99.0])
     for name in ("batch_regimes.png", "lr_stability.png", "depth_stats.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
