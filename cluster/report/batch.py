@@ -91,7 +91,7 @@ class Boundary:
         start = f"{self.norm}: not significantly worse than at its best per-device batch ({self.best})"
         evidence = f"paired 95% t interval, {self.seeds} seeds"
         if self.below is None:
-            return f"{start} at every per-device batch tried, down to {self.batch_size} ({evidence})."
+            return f"{start} down to the smallest batch tried, {self.batch_size} ({evidence})."
         worse = self.below
         return (f"{start} from per-device batch {self.batch_size} up; at {worse.batch_size} it is worse by "
                 f"{100 * worse.difference:.1f} ± {100 * worse.half_width:.1f} points ({evidence}): the regime "

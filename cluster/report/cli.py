@@ -62,7 +62,9 @@ def log_report_run(client, experiment_id: str, files: list[Path], source: str) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="normlab report",
-        description="Regime figures (batch size, learning-rate stability, depth) of a sweep or MLflow experiment.")
+        description="The regime report of a sweep or MLflow experiment: findings with their 95% t intervals, then "
+                    "the panels the runs allow (batch regimes, learning-rate stability, Fisher lr, running/precise/"
+                    "batch statistics, depth, gradient concentration).")
     parser.add_argument("target", metavar="SWEEP_FILE_OR_EXPERIMENT",
                         help="a sweep YAML file (its experiment and tracking URI are used) or an experiment name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else "

@@ -120,7 +120,7 @@ def plot(data: dict, path: Path) -> dict:
                     ax.scatter([x - 0.05], [i + 0.22], marker=marker, s=40, c=colour, edgecolors="black",
                                linewidths=0.6)
                     ax.text(x + 0.05, i + 0.22, str(cell["outcomes"][outcome]), fontsize=7, va="center",
-                            ha="left", color="white")
+                            ha="left", color="black")
                     marks[outcome].append((norm, lr, cell["outcomes"][outcome]))
             best = grid["largest_stable_lr"][norm]
             if best is not None:
