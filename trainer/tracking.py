@@ -144,7 +144,7 @@ def experiment_ids(client: Any) -> list[str]:
 
 
 def iter_runs(client: Any, experiment_id: str | list[str], filter_string: str = "",
-              newest_first: bool = False) -> Iterator[Any]:
+              newest_first: bool = False, page_size: int = PAGE_SIZE) -> Iterator[Any]:
     """The experiment's (or experiments') active runs, page by page, in start-time order (oldest first
     unless ``newest_first``)."""
     from mlflow.entities import ViewType
@@ -154,7 +154,7 @@ def iter_runs(client: Any, experiment_id: str | list[str], filter_string: str = 
     token = None
     while ids:
         page = client.search_runs(ids, filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=PAGE_SIZE, order_by=[f"attributes.start_time {order}"],
+                                  max_results=page_size, order_by=[f"attributes.start_time {order}"],
                                   page_token=token)
         yield from page
         token = page.token

@@ -19,6 +19,9 @@ FISHER_KEYS = ("fisher/lambda_max", "fisher/lr_max", "fisher/lr_max_momentum")
 NORM_STATS = ("running", "precise", "batch")  # trainer.norm_eval's kinds: val_acc/<kind>
 # the outcome classes that make a learning rate unstable; not_learning is stable, it only did not learn
 UNSTABLE = ("diverged", "collapsed")
+# runs per search page from a server: a page of 5,000 normlab runs (90 params, 250 metrics each) outlasts
+# the server worker's request timeout on a loaded machine (the connection is dropped)
+SERVER_PAGE_SIZE = 1000
 # every param the report reads (record_from_run, norm_label, outcome_of): a local store is asked for these only
 PARAMS_READ = ("model.norm", "data.batch_size", "optim.lr", "seed", "derived.num_classes", "trainer.sync_norm",
                "model.norm_init_scale", "model.norm_placement", "optim.precondition")
@@ -139,7 +142,7 @@ def read_runs(client, experiment_id: str, keys: set[str] | None = None) -> tuple
     ids = [experiment_id] if keys is None else tracking.experiment_ids(client)
     store = local_store.sql_store(client)
     runs = (local_store.search_runs(store, ids, PARAMS_READ) if store is not None
-            else tracking.iter_runs(client, ids, newest_first=True))
+            else tracking.iter_runs(client, ids, newest_first=True, page_size=SERVER_PAGE_SIZE))
     for run in runs:
         tags = run.data.tags
         if tags.get(REPORT_TAG[0]) == REPORT_TAG[1]:
