@@ -8,7 +8,8 @@ the time, and two ratios: the ratio of the minima (the least disturbed call of e
 of the paired ratios. By default torch runs one thread and the clock is that thread's CPU time
 (``--clock cpu``): with one intra-op thread the forward and the CPU backward both run on the calling
 thread, so other processes' load (this machine runs several agents on 2 cores) leaves the figure
-alone, where wall time under load was off by 2-4x between runs; ``--clock wall`` times wall clock. Variants that read their preceding conv's weight (cbn, kn) are timed in a conv
+alone, where wall time under load was off by 2-4x between runs; ``--clock wall`` times wall clock.
+Variants that read their preceding conv's weight (cbn, kn) are timed in a conv
 stack against the same stack with BatchNorm2d. ``--compile`` adds the same table for
 ``torch.compile(fullgraph=True)`` (inductor) of each, against compiled BatchNorm2d; a variant that
 cannot compile as one graph is compiled with graph breaks and marked. CPU always, CUDA too when present.
@@ -199,10 +200,10 @@ def main() -> int:
                        if device.type == "cpu" else "")
             mode = "torch.compile(fullgraph=True)" if compiled else "eager"
             print(f"\n{device.type.upper()} {mode} forward+backward, input {tuple(args.shape)} float32{threads}, "
-                  f">= {args.repeats} interleaved pairs ({args.budget:g} s budget); anchor: the same mode's BatchNorm2d; "
-                  f"x(med), the median of per-pair ratios, is the figure the goals are read on")
-            print(f"{'variant':12s} {'min ms':>8s} {'med ms':>8s} {'anchor':>8s} {'x(min)':>7s} {'x(med)':>7s} {'pairs':>5s}  note",
-                  flush=True)
+                  f">= {args.repeats} interleaved pairs ({args.budget:g} s budget); anchor: the same mode's "
+                  f"BatchNorm2d; x(med), the median of per-pair ratios, is the figure the goals are read on")
+            print(f"{'variant':12s} {'min ms':>8s} {'med ms':>8s} {'anchor':>8s} {'x(min)':>7s} {'x(med)':>7s} "
+                  f"{'pairs':>5s}  note", flush=True)
             clock = cpu_clock() if device.type == "cpu" and args.clock == "cpu" else time.perf_counter
             for r in measure(names, args.shape, device, args.repeats, args.warmup, compiled, args.budget, clock):
                 note = " ".join(filter(None, [flag(r["median_ratio"], compiled, device), r["note"],

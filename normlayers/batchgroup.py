@@ -26,8 +26,8 @@ from torch import Tensor
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
-from normlayers.groupnorm import compute_dtype
 from normlayers.fused import no_grad_var_mean, scale_shift
+from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
 from normlayers.stats import batch_moments, keep_format, single_value_error, unbiased, update_running
 

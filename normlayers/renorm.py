@@ -31,9 +31,9 @@ from torch import Tensor
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
+from normlayers.fused import no_grad_var_mean, scale_shift
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
-from normlayers.fused import no_grad_var_mean, scale_shift
 from normlayers.stats import batch_moments, channel_shape, single_value_error, update_running
 
 
