@@ -233,13 +233,23 @@ class CrossIterationBatchNorm(NormLayer):
             and conv.weight.requires_grad
         )
         if cross_iteration:
-            # The cross-iteration path is driven from the host anyway (a Python buffer of iterations,
-            # autograd.grad inside the forward), so the step is read here only: plain BN steps (k=0, no
-            # bound layer, no grad) make no host synchronisation and compile as one graph.
-            step = int(self.num_batches_tracked.item())
-            batch_mean, batch_var = mean, var
-            if step > self.burnin and self._history:
-                mean, var = self._combine(batch_mean, batch_var)
-            if step + self.k > self.burnin:
-                self._record(x, dims, batch_mean, batch_var, count)
+            mean, var = self._cross_iteration(x, dims, mean, var, count)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
+
+    @torch.compiler.disable
+    def _cross_iteration(self, x: Tensor, dims: list[int], batch_mean: Tensor, batch_var: Tensor,
+                         count: Tensor) -> tuple[Tensor, Tensor]:
+        """The statistics pooled with the buffered iterations, and this one buffered.
+
+        Driven from the host anyway (a Python buffer of iterations, autograd.grad inside the forward),
+        so the step is read here only: plain BN steps (k=0, no bound layer, no grad) make no host
+        synchronisation and compile as one graph. Run eagerly under torch.compile: traced, the step
+        read and the buffer's length were guards that changed every step (a recompile per step until
+        the limit); disabled, a compiled model breaks its graph here, once per layer call."""
+        step = int(self.num_batches_tracked.item())
+        mean, var = batch_mean, batch_var
+        if step > self.burnin and self._history:
+            mean, var = self._combine(batch_mean, batch_var)
+        if step + self.k > self.burnin:
+            self._record(x, dims, batch_mean, batch_var, count)
+        return mean, var
