@@ -150,7 +150,7 @@ class BatchGroupNorm(NormLayer):
             shift = -mean * scale
             if self.bias is not None:
                 shift = shift + self.bias.to(dtype)[:, None]
-            y = torch.addcmul(shift, x.reshape(x.shape[0], channels, -1).to(dtype), scale)
+            y = scale_shift(x.reshape(x.shape[0], channels, -1).to(dtype), scale, shift)
         return y.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:

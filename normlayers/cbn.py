@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from normlayers.base import NormLayer, check_eps_momentum, check_weight_layer
 from normlayers.batchnorm import check_channels
+from normlayers.fused import scale_shift
 from normlayers.registry import register
 from normlayers.stats import batch_moments, channel_shape, compute_dtype, keep_format, unbiased, update_running
 
@@ -86,7 +87,7 @@ def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, 
         centred = x.to(dtype) - mean.to(dtype).reshape(shape)
         if bias is None:
             return keep_format((centred * scale.reshape(shape)).to(x.dtype), x)
-        return keep_format(torch.addcmul(bias.to(dtype).reshape(shape), centred, scale.reshape(shape)).to(x.dtype), x)
+        return keep_format(scale_shift(centred, scale.reshape(shape), bias.to(dtype).reshape(shape)).to(x.dtype), x)
 
 
 def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> Tensor:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
+from normlayers.fused import scale_shift
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
 from normlayers.stats import batch_moments, keep_format, unbiased, update_running
@@ -130,7 +131,7 @@ class GhostBatchNorm(NormLayer):
             shift = -mean.to(dtype) * scale
             if self.bias is not None:
                 shift = shift + self.bias.to(dtype)
-            y = torch.addcmul(shift.reshape(shape), ghosts.to(dtype), scale.reshape(shape))
+            y = scale_shift(ghosts.to(dtype), scale.reshape(shape), shift.reshape(shape))
         return y.to(ghosts.dtype)
 
     @torch.no_grad()
