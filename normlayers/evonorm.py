@@ -78,7 +78,7 @@ class _EvoNormB0Function(torch.autograd.Function):
         normalized = x / denominator
         ctx.save_for_backward(x, mean, instance_std, excess, denominator, normalized, v, weight, s, batch_mean)
         ctx.mark_non_differentiable(batch_var)
-        return torch.addcmul(bias, normalized, weight), batch_var.flatten()
+        return (normalized * weight).add_(bias), batch_var.flatten()
 
     @staticmethod
     @once_differentiable
