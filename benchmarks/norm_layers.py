@@ -7,8 +7,10 @@ interleaving: each variant is timed in pairs, the anchor (torch's BatchNorm2d) a
 the time, and two ratios: the ratio of the minima (the least disturbed call of each) and the median
 of the paired ratios. By default torch runs one thread and the clock is that thread's CPU time
 (``--clock cpu``): with one intra-op thread the forward and the CPU backward both run on the calling
-thread, so other processes' load (this machine runs several agents on 2 cores) leaves the figure
-alone, where wall time under load was off by 2-4x between runs; ``--clock wall`` times wall clock.
+thread, so time spent waiting for a core under other processes' load (this machine runs several
+agents on 2 cores) is not counted, where wall time under load was off by 2-4x between runs; shared
+caches and memory bandwidth still move the ratios of memory-heavy variants with the load (``uptime``
+is printed with each table). ``--clock wall`` times wall clock.
 Variants that read their preceding conv's weight (cbn, kn) are timed in a conv
 stack against the same stack with BatchNorm2d. ``--compile`` adds the same table for
 ``torch.compile(fullgraph=True)`` (inductor) of each, against compiled BatchNorm2d; a variant that
@@ -22,6 +24,7 @@ Goals (issue 18): eager <= 2x (first bar) and <= 1.5x; compiled <= 1.25x.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -199,7 +202,8 @@ def main() -> int:
             threads = (f", {torch.get_num_threads()} threads, {args.clock} time"
                        if device.type == "cpu" else "")
             mode = "torch.compile(fullgraph=True)" if compiled else "eager"
-            print(f"\n{device.type.upper()} {mode} forward+backward, input {tuple(args.shape)} float32{threads}, "
+            print(f"\nload average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+            print(f"{device.type.upper()} {mode} forward+backward, input {tuple(args.shape)} float32{threads}, "
                   f">= {args.repeats} interleaved pairs ({args.budget:g} s budget); anchor: the same mode's "
                   f"BatchNorm2d; x(med), the median of per-pair ratios, is the figure the goals are read on")
             print(f"{'variant':12s} {'min ms':>8s} {'med ms':>8s} {'anchor':>8s} {'x(min)':>7s} {'x(med)':>7s} "
