@@ -5,18 +5,26 @@ is a forward and a backward (input and parameter gradients). Noise on a shared m
 interleaving: each variant is timed in pairs, the anchor (torch's BatchNorm2d) and then the variant
 (A B A B ...), so both see the same load; the table gives the minimum and the median over pairs of
 the time, and two ratios: the ratio of the minima (the least disturbed call of each) and the median
-of the paired ratios. Variants that read their preceding conv's weight (cbn, kn) are timed in a conv
+of the paired ratios. By default torch runs one thread and the clock is that thread's CPU time
+(``--clock cpu``): with one intra-op thread the forward and the CPU backward both run on the calling
+thread, so time spent waiting for a core under other processes' load (this machine runs several
+agents on 2 cores) is not counted, where wall time under load was off by 2-4x between runs; shared
+caches and memory bandwidth still move the ratios of memory-heavy variants with the load (``uptime``
+is printed with each table). ``--clock wall`` times wall clock.
+Variants that read their preceding conv's weight (cbn, kn) are timed in a conv
 stack against the same stack with BatchNorm2d. ``--compile`` adds the same table for
 ``torch.compile(fullgraph=True)`` (inductor) of each, against compiled BatchNorm2d; a variant that
 cannot compile as one graph is compiled with graph breaks and marked. CPU always, CUDA too when present.
 Goals (issue 18): eager <= 2x (first bar) and <= 1.5x; compiled <= 1.25x.
 
-    .venv/bin/python benchmarks/norm_layers.py [--repeats 30] [--compile] [--only bn,ic] [--threads 2]
+    .venv/bin/python benchmarks/norm_layers.py [--repeats 30] [--compile] [--only bn,ic] [--threads 1]
+                                               [--clock cpu|wall] [--budget 2.0]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -52,11 +60,17 @@ class ConvNormStack(torch.nn.Sequential):
         normlayers.link_kalman_layers(self)
 
 
+def cpu_clock():
+    """The CPU time of the calling thread when torch runs one thread (all of a CPU forward and
+    backward then runs on it), else of the process."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
 class Timed:
     """One layer (eager or compiled) and its timed forward+backward."""
 
-    def __init__(self, module: torch.nn.Module, call, x: torch.Tensor, grad: torch.Tensor):
-        self.module, self.call, self.x, self.grad = module, call, x, grad
+    def __init__(self, module: torch.nn.Module, call, x: torch.Tensor, grad: torch.Tensor, clock=time.perf_counter):
+        self.module, self.call, self.x, self.grad, self.clock = module, call, x, grad, clock
 
     def step(self) -> float:
         device = self.x.device
@@ -64,11 +78,11 @@ class Timed:
         self.module.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = self.clock()
         self.call(self.x).backward(self.grad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 def build(name: str | None, channels: int, with_conv: bool, device: torch.device) -> torch.nn.Module:
@@ -88,19 +102,27 @@ def prepare(module: torch.nn.Module, compiled: bool) -> tuple[object, str]:
     return torch.compile(module, fullgraph=True), ""
 
 
-def pair_times(anchor: Timed, variant: Timed, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+def pair_times(anchor: Timed, variant: Timed, repeats: int, warmup: int,
+               budget: float) -> tuple[list[float], list[float]]:
+    """At least ``repeats`` pairs, more until ``budget`` seconds of timed calls (max 10x repeats)."""
     for _ in range(warmup):
         anchor.step()
         variant.step()
     anchor_times, variant_times = [], []
-    for _ in range(repeats):  # A B A B: both see the same moment's load
-        anchor_times.append(anchor.step())
-        variant_times.append(variant.step())
+    while len(anchor_times) < repeats or (sum(anchor_times) + sum(variant_times) < budget
+                                          and len(anchor_times) < 10 * repeats):
+        # A B A B: both see the same moment's load; which one goes first alternates
+        if len(anchor_times) % 2:
+            variant_times.append(variant.step())
+            anchor_times.append(anchor.step())
+        else:
+            anchor_times.append(anchor.step())
+            variant_times.append(variant.step())
     return anchor_times, variant_times
 
 
 def measure(names: list[str], shape: list[int], device: torch.device, repeats: int, warmup: int,
-            compiled: bool):
+            compiled: bool, budget: float = 0.0, clock=time.perf_counter):
     """One row per variant, yielded as soon as it is measured (compiling every variant takes minutes)."""
     channels = shape[1]
     x = torch.randn(shape, device=device, requires_grad=True)
@@ -110,22 +132,22 @@ def measure(names: list[str], shape: list[int], device: torch.device, repeats: i
         with_conv = normlayers.norm_class(name).needs_preceding_weight
         if with_conv not in anchors:
             module = build(None, channels, with_conv, device)
-            anchors[with_conv] = Timed(module, prepare(module, compiled)[0], x, grad)
+            anchors[with_conv] = Timed(module, prepare(module, compiled)[0], x, grad, clock)
         module = build(name, channels, with_conv, device)
         note = ""
         try:
             call, note = prepare(module, compiled)
-            variant = Timed(module, call, x, grad)
+            variant = Timed(module, call, x, grad, clock)
             variant.step()
         except Exception as error:  # noqa: BLE001  (reported in the table: the variant does not compile as one graph)
             if not compiled:
                 raise
             torch._dynamo.reset()
             module = build(name, channels, with_conv, device)
-            variant = Timed(module, torch.compile(module), x, grad)
+            variant = Timed(module, torch.compile(module), x, grad, clock)
             note = f"graph breaks ({type(error).__name__})"
         try:
-            anchor_times, variant_times = pair_times(anchors[with_conv], variant, repeats, warmup)
+            anchor_times, variant_times = pair_times(anchors[with_conv], variant, repeats, warmup, budget)
         except Exception as error:  # noqa: BLE001  (e.g. a recompile on every step: reported, not timed)
             if not compiled:
                 raise
@@ -139,6 +161,7 @@ def measure(names: list[str], shape: list[int], device: torch.device, repeats: i
             "anchor_min_ms": min(anchor_times) * 1e3,
             "ratio_of_min": min(variant_times) / min(anchor_times),
             "median_ratio": statistics.median(v / a for v, a in zip(variant_times, anchor_times, strict=True)),
+            "pairs": len(variant_times),
             "note": note,
         }
 
@@ -158,7 +181,11 @@ def main() -> int:
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 32, 32], metavar=("N", "C", "H", "W"))
     parser.add_argument("--repeats", type=int, default=30, help="timed anchor/variant pairs per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed pairs first")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="CPU time (default; immune to other processes' load) or wall time, on CPU")
+    parser.add_argument("--budget", type=float, default=1.5,
+                        help="seconds of timed calls per variant: more pairs than --repeats until spent")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True)")
     parser.add_argument("--only", default="", help="comma-separated variant names (default: every one)")
     args = parser.parse_args()
@@ -172,17 +199,21 @@ def main() -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         for compiled in (False, True) if args.compile else (False,):
-            threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+            threads = (f", {torch.get_num_threads()} threads, {args.clock} time"
+                       if device.type == "cpu" else "")
             mode = "torch.compile(fullgraph=True)" if compiled else "eager"
-            print(f"\n{device.type.upper()} {mode} forward+backward, input {tuple(args.shape)} float32{threads}, "
-                  f"{args.repeats} interleaved pairs; anchor: the same mode's BatchNorm2d")
-            print(f"{'variant':12s} {'min ms':>8s} {'med ms':>8s} {'anchor':>8s} {'x(min)':>7s} {'x(med)':>7s}  note",
-                  flush=True)
-            for r in measure(names, args.shape, device, args.repeats, args.warmup, compiled):
-                note = " ".join(filter(None, [flag(r["ratio_of_min"], compiled, device), r["note"],
+            print(f"\nload average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+            print(f"{device.type.upper()} {mode} forward+backward, input {tuple(args.shape)} float32{threads}, "
+                  f">= {args.repeats} interleaved pairs ({args.budget:g} s budget); anchor: the same mode's "
+                  f"BatchNorm2d; x(med), the median of per-pair ratios, is the figure the goals are read on")
+            print(f"{'variant':12s} {'min ms':>8s} {'med ms':>8s} {'anchor':>8s} {'x(min)':>7s} {'x(med)':>7s} "
+                  f"{'pairs':>5s}  note", flush=True)
+            clock = cpu_clock() if device.type == "cpu" and args.clock == "cpu" else time.perf_counter
+            for r in measure(names, args.shape, device, args.repeats, args.warmup, compiled, args.budget, clock):
+                note = " ".join(filter(None, [flag(r["median_ratio"], compiled, device), r["note"],
                                               "(conv stack)" if r["anchor"] != "BatchNorm2d" else ""]))
                 print(f"{r['name']:12s} {r['min_ms']:8.2f} {r['median_ms']:8.2f} {r['anchor_min_ms']:8.2f} "
-                      f"{r['ratio_of_min']:7.2f} {r['median_ratio']:7.2f}  {note}", flush=True)
+                      f"{r['ratio_of_min']:7.2f} {r['median_ratio']:7.2f} {r['pairs']:5d}  {note}", flush=True)
     return 0
 
 

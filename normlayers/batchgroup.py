@@ -21,13 +21,15 @@ are used in eval; the affine is per channel. The batch moments come from
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
+from normlayers.fused import no_grad_var_mean, scale_shift
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
-from normlayers.stats import batch_moments, single_value_error, unbiased, update_running
+from normlayers.stats import batch_moments, keep_format, single_value_error, unbiased, update_running
 
 
 @register("bgn", "Batch Group Normalization (Zhou et al. 2020): over the batch and one of G groups of C*H*W")
@@ -68,9 +70,11 @@ class BatchGroupNorm(NormLayer):
             )
         if hasattr(self, "positions"):
             self._check_positions(x)
+        if self.training and batch * values // self.groups <= 1:
+            raise single_value_error("bgn", x)
+        if self.training and not self.synchronised:
+            return self._local_forward(x)
         if self.training:
-            if batch * values // self.groups <= 1:
-                raise single_value_error("bgn", x)
             mean, var, count = batch_moments(x.reshape(batch, self.groups, -1), [0, 2], self.process_group, who="bgn")
             self.num_batches_tracked.add_(1)
             update_running(self.running_mean, mean.detach(), self.momentum, self.num_batches_tracked)
@@ -78,6 +82,32 @@ class BatchGroupNorm(NormLayer):
         else:
             mean, var = self.running_mean, self.running_var
         return self._normalize(x, mean, var)
+
+    def _local_forward(self, x: Tensor) -> Tensor:
+        """Unsynchronised training: the groups are the channels of an (N, G, L) view, so torch's own
+        batch-norm kernel standardises them (and updates the running statistics, same convention),
+        then the per-channel affine: about half the cost of the moments-and-affine chain on CPU."""
+        dtype = compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            grouped = x.reshape(x.shape[0], self.groups, -1).to(dtype)
+            self.num_batches_tracked.add_(1)
+            if self.momentum is not None and self.running_mean.dtype == dtype:
+                x_hat = F.batch_norm(grouped, self.running_mean, self.running_var, None, None, True,
+                                     self.momentum, self.eps)
+            else:  # a cumulative average (its factor is a tensor) or float64 input with float32 buffers
+                with torch.no_grad():
+                    var, mean = no_grad_var_mean(grouped, (0, 2), grouped.shape[0] * grouped.shape[2])
+                    count = torch.tensor(float(grouped.shape[0] * grouped.shape[2]), dtype=dtype, device=x.device)
+                    update_running(self.running_mean, mean, self.momentum, self.num_batches_tracked)
+                    update_running(self.running_var, unbiased(var, count), self.momentum, self.num_batches_tracked)
+                x_hat = F.batch_norm(grouped, None, None, None, None, True, 0.0, self.eps)
+            x_hat = x_hat.reshape(x.shape[0], self.num_features, -1)
+            if self.weight is not None:
+                x_hat = scale_shift(x_hat, self.weight.to(dtype)[:, None],
+                                    None if self.bias is None else self.bias.to(dtype)[:, None])
+            elif self.bias is not None:
+                x_hat = x_hat + self.bias.to(dtype)[:, None]
+        return keep_format(x_hat.reshape(x.shape).to(x.dtype), x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the size was recorded: unknown size (0), set by the next training step
@@ -120,7 +150,7 @@ class BatchGroupNorm(NormLayer):
             shift = -mean * scale
             if self.bias is not None:
                 shift = shift + self.bias.to(dtype)[:, None]
-            y = torch.addcmul(shift, x.reshape(x.shape[0], channels, -1).to(dtype), scale)
+            y = scale_shift(x.reshape(x.shape[0], channels, -1).to(dtype), scale, shift)
         return y.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:

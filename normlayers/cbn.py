@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from normlayers.base import NormLayer, check_eps_momentum, check_weight_layer
 from normlayers.batchnorm import check_channels
+from normlayers.fused import scale_shift
 from normlayers.registry import register
 from normlayers.stats import batch_moments, channel_shape, compute_dtype, keep_format, unbiased, update_running
 
@@ -86,7 +87,7 @@ def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, 
         centred = x.to(dtype) - mean.to(dtype).reshape(shape)
         if bias is None:
             return keep_format((centred * scale.reshape(shape)).to(x.dtype), x)
-        return keep_format(torch.addcmul(bias.to(dtype).reshape(shape), centred, scale.reshape(shape)).to(x.dtype), x)
+        return keep_format(scale_shift(centred, scale.reshape(shape), bias.to(dtype).reshape(shape)).to(x.dtype), x)
 
 
 def _per_channel_dot(grads: tuple[Tensor, ...], deltas: tuple[Tensor, ...]) -> Tensor:
@@ -233,13 +234,23 @@ class CrossIterationBatchNorm(NormLayer):
             and conv.weight.requires_grad
         )
         if cross_iteration:
-            # The cross-iteration path is driven from the host anyway (a Python buffer of iterations,
-            # autograd.grad inside the forward), so the step is read here only: plain BN steps (k=0, no
-            # bound layer, no grad) make no host synchronisation and compile as one graph.
-            step = int(self.num_batches_tracked.item())
-            batch_mean, batch_var = mean, var
-            if step > self.burnin and self._history:
-                mean, var = self._combine(batch_mean, batch_var)
-            if step + self.k > self.burnin:
-                self._record(x, dims, batch_mean, batch_var, count)
+            mean, var = self._cross_iteration(x, dims, mean, var, count)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
+
+    @torch.compiler.disable
+    def _cross_iteration(self, x: Tensor, dims: list[int], batch_mean: Tensor, batch_var: Tensor,
+                         count: Tensor) -> tuple[Tensor, Tensor]:
+        """The statistics pooled with the buffered iterations, and this one buffered.
+
+        Driven from the host anyway (a Python buffer of iterations, autograd.grad inside the forward),
+        so the step is read here only: plain BN steps (k=0, no bound layer, no grad) make no host
+        synchronisation and compile as one graph. Run eagerly under torch.compile: traced, the step
+        read and the buffer's length were guards that changed every step (a recompile per step until
+        the limit); disabled, a compiled model breaks its graph here, once per layer call."""
+        step = int(self.num_batches_tracked.item())
+        mean, var = batch_mean, batch_var
+        if step > self.burnin and self._history:
+            mean, var = self._combine(batch_mean, batch_var)
+        if step + self.k > self.burnin:
+            self._record(x, dims, batch_mean, batch_var, count)
+        return mean, var

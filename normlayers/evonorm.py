@@ -78,7 +78,7 @@ class _EvoNormB0Function(torch.autograd.Function):
         normalized = x / denominator
         ctx.save_for_backward(x, mean, instance_std, excess, denominator, normalized, v, weight, s, batch_mean)
         ctx.mark_non_differentiable(batch_var)
-        return torch.addcmul(bias, normalized, weight), batch_var.flatten()
+        return (normalized * weight).add_(bias), batch_var.flatten()
 
     @staticmethod
     @once_differentiable
@@ -129,28 +129,31 @@ class _EvoNormS0Function(torch.autograd.Function):
         group_std = torch.sqrt(centered_norm.square() / grouped.shape[2] + eps)  # (N, G, 1)
         per_channel_inv_std = (1.0 / group_std).repeat_interleave(channels // groups, dim=1).reshape(n, channels)
         scale = (per_channel_inv_std * weight).reshape([n, channels] + [1] * (x.dim() - 2))
-        ctx.save_for_backward(x, v, weight, gate, group_mean, group_std, per_channel_inv_std)
+        gated = x * gate
+        ctx.save_for_backward(x, v, weight, gate, gated, group_mean, group_std, per_channel_inv_std)
         ctx.groups = groups
-        return torch.addcmul(bias.reshape(shape), x * gate, scale)
+        # multiply then add in place: on CPU addcmul with two broadcast operands is the slower of the two
+        return (gated * scale).add_(bias.reshape(shape))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, v, weight, gate, group_mean, group_std, per_channel_inv_std = ctx.saved_tensors
+        x, v, weight, gate, gated, group_mean, group_std, per_channel_inv_std = ctx.saved_tensors
         grad = grad.contiguous()
         n, channels, groups = x.shape[0], x.shape[1], ctx.groups
         spatial = tuple(range(2, x.dim()))
         shape = [1, channels] + [1] * len(spatial)
         sample_shape = [n, channels] + [1] * len(spatial)
-        gated = x * gate
-        grad_scale = (grad * gated).sum(spatial)  # (N, C): d loss / d (gamma_c / std of c's group)
+        # one scratch buffer for the full-size products, reused in place (fewer fresh large tensors)
+        scratch = torch.mul(grad, gated)
+        grad_scale = scratch.sum(spatial)  # (N, C): d loss / d (gamma_c / std of c's group)
         grad_weight = (grad_scale * per_channel_inv_std).sum(0)
         grad_bias = grad.sum((0, *spatial))
         grad_gated = grad * (per_channel_inv_std * weight).reshape(sample_shape)
         # d/dx [x sigmoid(v x)] = sigmoid + v x sigmoid (1 - sigmoid);  d/dv = x^2 sigmoid (1 - sigmoid)
-        through_gate = grad_gated * torch.addcmul(gate, gate, gate, value=-1.0).mul_(x)
-        grad_v = (through_gate * x).sum((0, *spatial))
-        grad_x = (grad_gated * gate).addcmul_(through_gate, v.reshape(shape))
+        through_gate = torch.addcmul(gate, gate, gate, value=-1.0, out=scratch).mul_(x).mul_(grad_gated)
+        grad_x = grad_gated.mul_(gate).addcmul_(through_gate, v.reshape(shape))
+        grad_v = through_gate.mul_(x).sum((0, *spatial))
         # group std = sqrt(mean((x - mean)^2) + eps): d std / dx = (x - mean) / (L * std)
         grad_inv_std = (grad_scale * weight).view(n, groups, -1).sum(2, keepdim=True)  # (N, G, 1)
         values = x[0].numel() // groups

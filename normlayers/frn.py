@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
+from normlayers.fused import scale_shift
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
 
@@ -63,7 +64,7 @@ class FilterResponseNorm(NormLayer):
             scale = torch.rsqrt(nu2 + eps) * self.weight.to(dtype).reshape(shape)
             tau = self.tau.to(dtype).reshape(shape)
             # max(y, tau) as relu(y - tau) + tau: same values, and a much cheaper backward than torch.maximum's
-            z = torch.relu(torch.addcmul(self.bias.to(dtype).reshape(shape) - tau, xc, scale)) + tau
+            z = scale_shift(xc, scale, self.bias.to(dtype).reshape(shape) - tau).relu_() + tau
         return z.to(x.dtype)
 
     def extra_repr(self) -> str:

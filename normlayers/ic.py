@@ -63,5 +63,18 @@ class IndependentComponent(BatchNorm):
         # is about twice as fast as F.dropout's bernoulli draw, and no second mask is made or converted in
         # backward (2.9x BatchNorm2d at 2 threads instead of 4.5x, benchmarks/norm_layers.py).
         # In place on y: BN's backward needs its input, not its fresh output (autograd checks this).
-        scale = torch.rand(y.shape, device=y.device).ge_(self.drop).div_(1.0 - self.drop).to(y.dtype)
-        return y.mul_(scale)
+        return y.mul_(dropout_scale(y.detach(), self.drop))
+
+
+@torch.library.custom_op("normlayers::dropout_scale", mutates_args=())
+def dropout_scale(y: Tensor, drop: float) -> Tensor:
+    """Inverted dropout's mask for ``y``: 0 with probability ``drop``, else 1 / (1 - drop), from
+    torch's own uniform draw. An opaque op, so torch.compile keeps torch's kernel and generator:
+    inductor's generated CPU random numbers made a compiled ic 12x compiled BatchNorm2d (eager: 2x);
+    the compiled mask is then also the eager one for the same seed."""
+    return torch.rand(y.shape, device=y.device).ge_(drop).div_(1.0 - drop).to(y.dtype)
+
+
+@dropout_scale.register_fake
+def _(y: Tensor, drop: float) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)

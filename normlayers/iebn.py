@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import BatchNorm, check_channels
+from normlayers.fused import scale_shift
 from normlayers.registry import register
 from normlayers.stats import channel_shape, compute_dtype, keep_format, single_value_error
 
@@ -72,5 +73,6 @@ class InstanceEnhancementBatchNorm(NormLayer):
             pooled = xf.mean(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else xf
             gate = torch.sigmoid(pooled * self.gate_weight.to(dtype).reshape(shape)
                                  + self.gate_bias.to(dtype).reshape(shape))
-            y = x_hat.to(dtype) * (self.weight.to(dtype).reshape(shape) * gate) + self.bias.to(dtype).reshape(shape)
+            y = scale_shift(x_hat.to(dtype), self.weight.to(dtype).reshape(shape) * gate,
+                            self.bias.to(dtype).reshape(shape))
         return keep_format(y.to(x.dtype), x)

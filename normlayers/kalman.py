@@ -61,18 +61,23 @@ PRIOR_VARIANCE_RATIO_LIMIT = 100.0
 
 
 class _StepEstimate:
-    """This step's (mu_{k|k}, Sigma_{k|k}), still in the autograd graph; copies and pickles start empty
-    (a graph cannot be deep-copied, and the estimate is meaningless outside its step)."""
+    """This step's (mu_{k|k}, Sigma_{k|k}), still in the autograd graph; ``fresh``: made since the next
+    layer's last training forward; ``took_prior``: the owner's last training forward used its
+    predecessor's. Copies and pickles start empty (a graph cannot be deep-copied, and the estimate is
+    meaningless outside its step). Flags, not step counts: torch.compile specialises the ints it reads
+    on a module, so a count changing every step recompiled every step (and hit the recompile limit),
+    where these flags hold the same values at every step's start."""
 
     def __init__(self) -> None:
         self.moments: tuple[Tensor, Tensor] | None = None
-        self.count = -1
+        self.fresh = False
+        self.took_prior = False
 
     def __deepcopy__(self, memo) -> _StepEstimate:
         return _StepEstimate()
 
     def __getstate__(self) -> dict:
-        return {"moments": None, "count": -1}
+        return {"moments": None, "fresh": False, "took_prior": False}
 
 
 def relu_gaussian_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +112,7 @@ def linear_transition(layer: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tens
 class KalmanNorm(NormLayer):
     batch_dependent = True
     needs_preceding_weight = True
-    device_state = ("_estimate", "_forward_count")  # each (virtual) device chains its own estimates
+    device_state = ("_estimate",)  # each (virtual) device chains its own estimates
 
     def __init__(
         self,
@@ -138,7 +143,6 @@ class KalmanNorm(NormLayer):
         # plain attributes, not submodules: the bound layers belong to the model
         self.__dict__["_transition"] = None
         self.__dict__["_previous"] = None
-        self._forward_count = 0
         self._estimate = _StepEstimate()
 
     def extra_repr(self) -> str:
@@ -159,14 +163,22 @@ class KalmanNorm(NormLayer):
         """q_k per channel: the weight of this layer's own batch statistics."""
         return torch.sigmoid(self.gain_logit)
 
+    def _predecessor_estimate(self) -> _StepEstimate | None:
+        previous = self.__dict__["_previous"]
+        # the predecessor's on this (virtual) device
+        return None if previous is None else device_attribute(previous, "_estimate")
+
     def prediction(self) -> tuple[Tensor, Tensor] | None:
         """(mu_{k|k-1}, Sigma_{k|k-1}) from the preceding KN's estimate in this step, or None."""
-        previous, layer = self.__dict__["_previous"], self.__dict__["_transition"]
-        if previous is None or layer is None:
-            return None
-        estimate = device_attribute(previous, "_estimate")  # the predecessor's on this (virtual) device
+        estimate = self._predecessor_estimate()
         # the predecessor must have run in this very step (its estimate is part of this step's graph)
-        if estimate.moments is None or estimate.count != self._forward_count:
+        if estimate is None or not (estimate.fresh or self._estimate.took_prior):
+            return None
+        return self._predict(estimate)
+
+    def _predict(self, estimate: _StepEstimate) -> tuple[Tensor, Tensor] | None:
+        previous, layer = self.__dict__["_previous"], self.__dict__["_transition"]
+        if layer is None or estimate.moments is None:
             return None
         in_channels = layer.weight.shape[1] * getattr(layer, "groups", 1)
         if in_channels != previous.num_features:
@@ -180,9 +192,13 @@ class KalmanNorm(NormLayer):
 
         dims = [0, *range(2, x.dim())]
         mean, var, count = batch_moments(x, dims, self.process_group, who="kn")
-        self._forward_count += 1
+        estimate = self._predecessor_estimate()
+        fresh = estimate is not None and estimate.fresh
+        if fresh:
+            estimate.fresh = False  # taken: this step's estimate serves this step only
+        self._estimate.took_prior = fresh
         with torch.autocast(device_type=x.device.type, enabled=False):
-            predicted = self.prediction()
+            predicted = self._predict(estimate) if fresh else None
             if predicted is not None:
                 pred_mean, pred_var = predicted
                 q = self.gain
@@ -192,7 +208,7 @@ class KalmanNorm(NormLayer):
                 trusted = (pred_var / var.clamp_min(self.eps)).mean() < PRIOR_VARIANCE_RATIO_LIMIT
                 mean = torch.where(trusted, fused_mean, mean)
                 var = torch.where(trusted, fused_var, var)
-        self._estimate.moments, self._estimate.count = (mean, var), self._forward_count
+        self._estimate.moments, self._estimate.fresh = (mean, var), True
         self.num_batches_tracked.add_(1)
         update_running(self.running_mean, mean.detach(), self.momentum, self.num_batches_tracked)
         running_var = unbiased(var.detach(), count) if self.unbiased_running else var.detach()

@@ -104,6 +104,15 @@ class ProxyNorm(NormLayer):
         phi = _ACTIVATIONS[self.activation]
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.activation == "relu":
+                # relu is positively homogeneous and the proxy scale s is > 0: s * relu(gamma x_hat + beta) =
+                # relu(s gamma x_hat + s beta), so the norm and both affines are one native group_norm with
+                # weight s * gamma and bias s * beta, then a ReLU and the per-channel shift (3x fewer passes)
+                mean, var = self.proxy_moments(dtype)
+                scale = torch.rsqrt(var + self.proxy_eps)
+                z = F.group_norm(x.to(dtype), self.groups, self.weight.to(dtype) * scale,
+                                 self.bias.to(dtype) * scale, self.eps).relu_()
+                return keep_format((z - (mean * scale).reshape(shape)).to(x.dtype), x)
             x_hat = F.group_norm(x.to(dtype), self.groups, None, None, self.eps)
             # each affine step as one multiply-add per element (per-channel scale and shift formed
             # first): fewer full-size passes forward and backward than multiply-then-add

@@ -26,13 +26,15 @@ synchronises them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
+from normlayers.fused import no_grad_var_mean, scale_shift
 from normlayers.groupnorm import compute_dtype
 from normlayers.registry import register
-from normlayers.stats import batch_moments, channel_shape, update_running
+from normlayers.stats import batch_moments, channel_shape, single_value_error, update_running
 
 
 @register("brn", "Batch Renormalization (Ioffe 2017): r_max/d_max with warm-up schedule, running mean and std")
@@ -83,6 +85,8 @@ class BatchRenorm(NormLayer):
     def forward(self, x: Tensor) -> Tensor:
         check_channels("brn", x, self.num_features)
         dtype = compute_dtype(x)
+        if self.training and not self.synchronised:
+            return self._local_forward(x, dtype)
         if not self.training:
             mean, scale = self.running_mean.to(dtype), 1.0 / self.running_std.to(dtype)
             offset = None
@@ -90,18 +94,10 @@ class BatchRenorm(NormLayer):
             batch_mean, batch_var, _ = batch_moments(x, [0, *range(2, x.dim())], self.process_group, who="brn")
             with torch.autocast(device_type=x.device.type, enabled=False):
                 batch_std = torch.sqrt(batch_var + self.eps)
-                with torch.no_grad():
-                    r_limit, d_limit = self.limits()
-                    # detached explicitly as well: under torch.compile a no_grad region's result that
-                    # feeds a differentiable expression was found to carry a gradient (aot_eager)
-                    r = (batch_std.detach() / self.running_std).clamp(1.0 / r_limit, r_limit)
-                    offset = ((batch_mean.detach() - self.running_mean) / self.running_std).clamp(-d_limit, d_limit)
-                    self.num_batches_tracked.add_(1)
-                    update_running(self.running_mean, batch_mean, self.momentum, self.num_batches_tracked)
-                    update_running(self.running_std, batch_std, self.momentum, self.num_batches_tracked)
+                r, offset = self._correction_and_update(batch_mean, batch_std)
                 mean, scale = batch_mean.to(dtype), r.to(dtype) / batch_std.to(dtype)
                 offset = offset.to(dtype)
-        # y = gamma * ((x - mean) * scale + d) + beta, folded into one multiply-add per element
+        # y = gamma * ((x - mean) * scale + d) + beta, folded into one multiply and one add per element
         with torch.autocast(device_type=x.device.type, enabled=False):
             shift = -mean * scale if offset is None else offset - mean * scale
             if self.weight is not None:
@@ -110,7 +106,41 @@ class BatchRenorm(NormLayer):
             if self.bias is not None:
                 shift = shift + self.bias.to(dtype)
             shape = channel_shape(x)
-            y = torch.addcmul(shift.reshape(shape), x.to(dtype), scale.reshape(shape))
+            y = scale_shift(x.to(dtype), scale.reshape(shape), shift.reshape(shape))
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _correction_and_update(self, batch_mean: Tensor, batch_std: Tensor) -> tuple[Tensor, Tensor]:
+        """r and d of the current schedule (no gradient), then the running mean and std moved."""
+        r_limit, d_limit = self.limits()
+        # detached explicitly as well: under torch.compile a no_grad region's result that
+        # feeds a differentiable expression was found to carry a gradient (aot_eager)
+        r = (batch_std.detach() / self.running_std).clamp(1.0 / r_limit, r_limit)
+        offset = ((batch_mean.detach() - self.running_mean) / self.running_std).clamp(-d_limit, d_limit)
+        self.num_batches_tracked.add_(1)
+        update_running(self.running_mean, batch_mean.detach(), self.momentum, self.num_batches_tracked)
+        update_running(self.running_std, batch_std.detach(), self.momentum, self.num_batches_tracked)
+        return r.detach(), offset.detach()
+
+    def _local_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Unsynchronised training: with r and d constants, y = BN(x) with weight gamma * r and bias
+        gamma * d + beta, so torch's own batch-norm kernel computes it (and its backward through the
+        batch moments); the moments for r, d and the running statistics come from one no-grad pass."""
+        dims = [0, *range(2, x.dim())]
+        values = x.numel() // x.shape[1]
+        if values <= 1:
+            raise single_value_error("brn", x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(dtype)
+            with torch.no_grad():
+                batch_var, batch_mean = no_grad_var_mean(xf, dims, values)
+            r, offset = self._correction_and_update(batch_mean, torch.sqrt(batch_var + self.eps))
+            weight, bias = r.to(dtype), offset.to(dtype)
+            if self.weight is not None:
+                weight, bias = weight * self.weight.to(dtype), bias * self.weight.to(dtype)
+            if self.bias is not None:
+                bias = bias + self.bias.to(dtype)
+            y = F.batch_norm(xf, None, None, weight, bias, training=True, momentum=0.0, eps=self.eps)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers.base import NormLayer, check_eps_momentum
+from normlayers.fused import scale_shift
 from normlayers.groupnorm import check_spatial
 from normlayers.registry import register
 from normlayers.stats import _var_mean as two_pass_var_mean  # CPU-fast two-pass (N, C) moments
@@ -115,7 +116,7 @@ class SwitchableNorm(NormLayer):
             if self.bias is not None:
                 shift = shift + self.bias.to(dtype)
             shape = [x.shape[0], *channel_shape(x)[1:]]
-            y = torch.addcmul(shift.reshape(shape), xc, scale.reshape(shape))
+            y = scale_shift(xc, scale.reshape(shape), shift.reshape(shape))
         return keep_format(y.to(x.dtype), x)
 
     def extra_repr(self) -> str:
