@@ -38,6 +38,7 @@ from normlayers.stats import batch_moments, channel_shape, update_running
 @register("brn", "Batch Renormalization (Ioffe 2017): r_max/d_max with warm-up schedule, running mean and std")
 class BatchRenorm(NormLayer):
     batch_dependent = True
+    device_fold = ("num_features",)
 
     def __init__(
         self,
