@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlayers.base import NormLayer
+from normlayers.virtual import unfold
 
 SPREADS = ("running_var", "running_std")
 
@@ -83,7 +84,7 @@ def precise_stats(model: nn.Module, batches: Iterable[Tensor]) -> int:
     pooled = {id(layer): _Pooled() for layer in layers}
 
     def collect(layer: nn.Module, inputs: tuple) -> None:
-        view, dims = population_view(layer, inputs[0])
+        view, dims = population_view(layer, unfold(inputs[0]))  # a folded forward's input in the devices' layout
         pooled[id(layer)].add(view, dims)
 
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}

@@ -36,6 +36,8 @@ the layer's alone)
     kernel over all k. Gradients of the repeated parameters sum over the devices; device 0's block
     of every buffer is kept. Dropout inside such a layer (ic) draws its mask over the folded layout:
     the same distribution, other draws than k slice passes.
+    Forward hooks on a folded layer (and on layers inside it) see the folded batch; :func:`unfold`
+    gives the devices' layout (``precise_stats`` pools through it).
     Per slice: every other variant (state across steps: cbn, kn; statistics across channels: sn,
     dbn, iternorm) runs its forward once per slice, which is exact by construction and costs ``k``
     calls per layer. Per-slice statistics inside :func:`normlayers.stats.batch_moments` would give every
@@ -58,8 +60,8 @@ from normlayers.stats import keep_format
 
 #: the virtual device whose slice is being normalised now (None: outside a virtual forward)
 _current_device: int | None = None
-#: inside a folded forward (every device at once): a layer within it sees its input whole
-_folding = False
+#: the number of devices of the folded forward being run now (0: none): a layer within it sees its input whole
+_folding = 0
 
 
 def set_virtual_devices(model: nn.Module, devices: int) -> nn.Module:
@@ -138,10 +140,10 @@ def _folded_call(layer: nn.Module, call, x: Tensor) -> Tensor:
             m._parameters[key] = p.repeat(devices, *[1] * (p.dim() - 1))
         for (m, key, _), copy_of in zip(buffers, repeated, strict=True):
             m._buffers[key] = copy_of
-        _folding = True
+        _folding = devices
         y = call(folded)
     finally:
-        _folding = False
+        _folding = 0
         for m, name, value in counts:
             setattr(m, name, value)
         for m, key, p in params:
@@ -151,8 +153,20 @@ def _folded_call(layer: nn.Module, call, x: Tensor) -> Tensor:
     with torch.no_grad():
         for (_, _, b), updated in zip(buffers, repeated, strict=True):
             b.copy_(updated[: b.shape[0]])  # device 0's block: rank 0's buffers
-    y = y.reshape(n // devices, devices, channels, *positions).transpose(0, 1).reshape(x.shape)
-    return keep_format(y, x)
+    return keep_format(_unfolded(y, devices), x)
+
+
+def _unfolded(y: Tensor, devices: int) -> Tensor:
+    """(N/k, k*C, ...) with device d's slice in channels d*C .. (d+1)*C back to (N, C, ...)."""
+    per_device, channels = y.shape[0], y.shape[1] // devices
+    y = y.reshape(per_device, devices, channels, *y.shape[2:]).transpose(0, 1)
+    return y.reshape(devices * per_device, channels, *y.shape[3:])
+
+
+def unfold(x: Tensor) -> Tensor:
+    """``x`` as the devices hold it. Inside a folded forward a layer (and its forward hooks) sees the
+    folded (N/k, k*C, ...) batch; this gives the (N, C, ...) batch of the k slices, and ``x`` elsewhere."""
+    return _unfolded(x, _folding) if _folding else x
 
 
 def _per_slice_call(layer: nn.Module, call, x: Tensor, *args, **kwargs) -> Tensor:

@@ -63,12 +63,13 @@ def test_deeper_layers_see_training_mode_inputs_over_the_virtual_devices(devices
     torch.manual_seed(0)
     net = set_virtual_devices(TwoLayers(), devices)
     batches = [torch.randn(8, 3, 5, 5) for _ in range(3)]
-    reference = copy.deepcopy(net).train()
+    reference = set_virtual_devices(copy.deepcopy(net), 1).train()  # one plain copy per device's slice
     seen = []
     reference.norm2.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
     with torch.no_grad():
         for batch in batches:
-            reference(batch)
+            for part in batch.chunk(devices):
+                reference(part)
     precise_stats(net, [(b, None) for b in batches])
     mean, var = population(torch.cat(seen), "bn")
     torch.testing.assert_close(net.norm2.running_mean, mean)
