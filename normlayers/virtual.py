@@ -36,8 +36,8 @@ the layer's alone)
     kernel over all k. Gradients of the repeated parameters sum over the devices; device 0's block
     of every buffer is kept. Dropout inside such a layer (ic) draws its mask over the folded layout:
     the same distribution, other draws than k slice passes.
-    Forward hooks on a folded layer (and on layers inside it) see the folded batch; :func:`unfold`
-    gives the devices' layout (``precise_stats`` pools through it).
+    Forward hooks on a folded layer (and on layers inside it) see the folded batch and the folded
+    counts (:func:`folding_devices`; ``precise_stats`` pools each statistic's k copies).
     Per slice: every other variant (state across steps: cbn, kn; statistics across channels: sn,
     dbn, iternorm) runs its forward once per slice, which is exact by construction and costs ``k``
     calls per layer. Per-slice statistics inside :func:`normlayers.stats.batch_moments` would give every
@@ -163,10 +163,11 @@ def _unfolded(y: Tensor, devices: int) -> Tensor:
     return y.reshape(devices * per_device, channels, *y.shape[3:])
 
 
-def unfold(x: Tensor) -> Tensor:
-    """``x`` as the devices hold it. Inside a folded forward a layer (and its forward hooks) sees the
-    folded (N/k, k*C, ...) batch; this gives the (N, C, ...) batch of the k slices, and ``x`` elsewhere."""
-    return _unfolded(x, _folding) if _folding else x
+def folding_devices() -> int:
+    """Inside a folded forward, its number of devices k (0 elsewhere). A layer in it, and its forward
+    hooks, see the folded (N/k, k*C, ...) batch with the layer's channel and group counts times k, so
+    every statistic they compute appears once per device, device-major (``precise_stats`` pools them)."""
+    return _folding
 
 
 def _per_slice_call(layer: nn.Module, call, x: Tensor, *args, **kwargs) -> Tensor:
