@@ -68,6 +68,10 @@ class NormLayer(nn.Module):
     virtual_devices: int = 1
     #: plain attributes (not buffers) holding training state that each virtual device keeps its own of
     device_state: ClassVar[tuple[str, ...]] = ()
+    #: None: virtual devices run the forward once per slice. A tuple: the statistics are per channel (or
+    #: group of channels) over batch and positions, so k devices fold into k x C channels with these
+    #: attributes (channel and group counts) times k, in one forward (see :mod:`normlayers.virtual`)
+    device_fold: ClassVar[tuple[str, ...] | None] = None
 
     def __call__(self, *args, **kwargs):
         if self.virtual_devices > 1:

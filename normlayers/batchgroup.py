@@ -35,6 +35,7 @@ from normlayers.stats import batch_moments, keep_format, single_value_error, unb
 @register("bgn", "Batch Group Normalization (Zhou et al. 2020): over the batch and one of G groups of C*H*W")
 class BatchGroupNorm(NormLayer):
     batch_dependent = True
+    device_fold = ("num_features", "groups")
 
     def __init__(
         self,

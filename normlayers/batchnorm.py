@@ -56,6 +56,7 @@ def check_channels(who: str, x: Tensor, num_features: int) -> None:
 @register("bn", "Batch Normalization (Ioffe & Szegedy 2015); NC or NCHW input")
 class BatchNorm(_BatchNorm, NormLayer):
     batch_dependent = True
+    device_fold = ("num_features",)
 
     def __init__(
         self,

@@ -178,6 +178,7 @@ class _EvoNorm(NormLayer):
 @register("evonorm_b0", "EvoNorm-B0 (Liu et al. 2020): x / max(batch std, v*x + instance std); NCHW")
 class EvoNormB0(_EvoNorm):
     batch_dependent = True
+    device_fold = ("num_features",)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  unbiased_running: bool = True):

@@ -48,6 +48,7 @@ RUNNING_UPDATES = ("per_step", "per_ghost")
 @register("ghost", "Ghost Batch Normalization (Hoffer et al. 2017): BN over virtual batches; NC or NCHW")
 class GhostBatchNorm(NormLayer):
     batch_dependent = True
+    device_fold = ("num_features",)
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from normlayers.stats import channel_shape, compute_dtype, keep_format, single_v
 @register("iebn", "Instance Enhancement BN (Liang et al. 2020): BN gated by sigmoid(w*avgpool(x)+b) per sample")
 class InstanceEnhancementBatchNorm(NormLayer):
     batch_dependent = True
+    device_fold = ("num_features",)
 
     def __init__(
         self,

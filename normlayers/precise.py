@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlayers.base import NormLayer
+from normlayers.virtual import folding_devices
 
 SPREADS = ("running_var", "running_std")
 
@@ -57,11 +58,18 @@ class _Pooled:
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, None, None
 
-    def add(self, values: Tensor, dims: list[int]) -> None:
+    def add(self, values: Tensor, dims: list[int], devices: int = 1) -> None:
+        """``devices`` > 1: ``values`` come from a folded forward (:mod:`normlayers.virtual`), so each
+        statistic appears once per device, device-major; the devices' equal shares are pooled here."""
         n = 1
         for d in dims:
             n *= values.shape[d]
         var, mean = torch.var_mean(values.double(), dim=dims, correction=0)
+        if devices > 1:
+            var, mean = var.reshape(devices, -1), mean.reshape(devices, -1)
+            pooled_mean = mean.mean(dim=0)
+            var = var.mean(dim=0) + (mean - pooled_mean).square().mean(dim=0)
+            mean, n = pooled_mean, n * devices
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, var * n
             return
@@ -83,8 +91,10 @@ def precise_stats(model: nn.Module, batches: Iterable[Tensor]) -> int:
     pooled = {id(layer): _Pooled() for layer in layers}
 
     def collect(layer: nn.Module, inputs: tuple) -> None:
+        # inside a folded forward the layer's channel and group counts are the fold's: its view of the folded
+        # input holds every statistic once per device
         view, dims = population_view(layer, inputs[0])
-        pooled[id(layer)].add(view, dims)
+        pooled[id(layer)].add(view, dims, folding_devices())
 
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     modes = {module: module.training for module in model.modules()}

@@ -40,6 +40,7 @@ from normlayers.stats import batch_moments, channel_shape, single_value_error, u
 @register("brn", "Batch Renormalization (Ioffe 2017): r_max/d_max with warm-up schedule, running mean and std")
 class BatchRenorm(NormLayer):
     batch_dependent = True
+    device_fold = ("num_features",)
 
     def __init__(
         self,

@@ -25,10 +25,23 @@ Per-device state that is not a buffer
     virtual device keeps its own copy (cbn's buffer of past iterations, kn's per-step estimate that
     the next KN layer reads, through :func:`device_attribute`).
 
-Why per slice and not inside :func:`normlayers.stats.batch_moments`
-    Per-slice statistics would give every statistic a slice axis, and every variant's
-    normalisation, running update and schedule would have to carry it; running the layer's own
-    forward per slice is exact for every variant by construction and costs ``k`` calls per layer.
+Two paths, both running the layer's own forward (its statistics, running update and schedule stay
+the layer's alone)
+    Folded (the fast path): a layer whose statistics are per channel, or per group of channels, over
+    the batch and positions (bn, brn, bgn, ghost, evonorm_b0, iebn, ic) names in ``device_fold`` the
+    attributes that count channels or groups. The k slices are laid side by side as k x C channels
+    (device d's slice is channels d*C .. (d+1)*C of an (N/k, k*C, ...) batch), those attributes are
+    multiplied by k, every per-channel (or per-group) parameter and buffer is repeated k times, and
+    the layer's forward runs once: each of its statistics is then one device's, computed in one
+    kernel over all k. Gradients of the repeated parameters sum over the devices; device 0's block
+    of every buffer is kept. Dropout inside such a layer (ic) draws its mask over the folded layout:
+    the same distribution, other draws than k slice passes.
+    Forward hooks on a folded layer (and on layers inside it) see the folded batch and the folded
+    counts (:func:`folding_devices`; ``precise_stats`` pools each statistic's k copies).
+    Per slice: every other variant (state across steps: cbn, kn; statistics across channels: sn,
+    dbn, iternorm) runs its forward once per slice, which is exact by construction and costs ``k``
+    calls per layer. Per-slice statistics inside :func:`normlayers.stats.batch_moments` would give every
+    statistic a slice axis that every variant's normalisation would have to carry.
 
 ``k = 1`` changes nothing. Eval mode (running statistics) is per sample and is not split, except
 for a layer that normalises with batch statistics in eval (``track_running_stats=False``). Virtual
@@ -43,8 +56,12 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from normlayers.stats import keep_format
+
 #: the virtual device whose slice is being normalised now (None: outside a virtual forward)
 _current_device: int | None = None
+#: the number of devices of the folded forward being run now (0: none): a layer within it sees its input whole
+_folding = 0
 
 
 def set_virtual_devices(model: nn.Module, devices: int) -> nn.Module:
@@ -68,7 +85,7 @@ def set_virtual_devices(model: nn.Module, devices: int) -> nn.Module:
 
 def splits_batch(layer: nn.Module) -> bool:
     """Does this call of ``layer`` go through the virtual devices?"""
-    if layer.virtual_devices == 1 or _current_device is not None:
+    if layer.virtual_devices == 1 or _current_device is not None or _folding:
         return False  # a layer inside another's slice (iebn's bn) sees that slice whole
     return layer.training or getattr(layer, "track_running_stats", True) is False
 
@@ -81,9 +98,13 @@ def device_attribute(layer: nn.Module, name: str):
     return states[_current_device][name]
 
 
+def folds(layer: nn.Module | type) -> bool:
+    """Does ``layer`` (a layer or its class) take the folded path (all devices in one forward)?"""
+    return layer.device_fold is not None and not layer.device_state
+
+
 def virtual_call(layer: nn.Module, call, x: Tensor, *args, **kwargs) -> Tensor:
-    """``call`` (the module's own ``__call__``) once per slice, as ``layer.virtual_devices`` devices would."""
-    global _current_device
+    """``call`` (the module's own ``__call__``) as ``layer.virtual_devices`` devices would: folded or per slice."""
     devices = layer.virtual_devices
     if x.dim() == 0 or x.shape[0] % devices:
         raise ValueError(
@@ -91,6 +112,68 @@ def virtual_call(layer: nn.Module, call, x: Tensor, *args, **kwargs) -> Tensor:
             f"{devices} equal slices, got input of shape {tuple(x.shape)}; use a batch size that is a multiple "
             f"of {devices}"
         )
+    if folds(layer) and not args and not kwargs and x.dim() >= 2 and x.shape[1] == layer.num_features:
+        try:
+            return _folded_call(layer, call, x)
+        except ValueError:
+            pass  # refused (e.g. too few values per statistic): the per-slice path says it in the device's terms
+    return _per_slice_call(layer, call, x, *args, **kwargs)
+
+
+def _folded_call(layer: nn.Module, call, x: Tensor) -> Tensor:
+    """The k slices side by side as k x C channels, the layer's forward once (see the module docstring)."""
+    global _folding
+    devices = layer.virtual_devices
+    n, channels, positions = x.shape[0], x.shape[1], x.shape[2:]
+    folded = x.reshape(devices, n // devices, channels, *positions).transpose(0, 1)
+    folded = folded.reshape(n // devices, devices * channels, *positions)
+    modules = list(layer.modules())
+    counts = [(m, name, getattr(m, name)) for m in modules for name in (getattr(type(m), "device_fold", None) or ())]
+    # per-channel (per-group) tensors repeated once per device; scalars (step counts, learned eps) are shared
+    params = [(m, key, p) for m in modules for key, p in m._parameters.items() if p is not None and p.dim() > 0]
+    buffers = [(m, key, b) for m in modules for key, b in m._buffers.items() if b is not None and b.dim() > 0]
+    repeated = [b.repeat(devices, *[1] * (b.dim() - 1)) for _, _, b in buffers]
+    try:
+        for m, name, value in counts:
+            setattr(m, name, value * devices)
+        for m, key, p in params:
+            m._parameters[key] = p.repeat(devices, *[1] * (p.dim() - 1))
+        for (m, key, _), copy_of in zip(buffers, repeated, strict=True):
+            m._buffers[key] = copy_of
+        _folding = devices
+        y = call(folded)
+    finally:
+        _folding = 0
+        for m, name, value in counts:
+            setattr(m, name, value)
+        for m, key, p in params:
+            m._parameters[key] = p
+        for m, key, b in buffers:
+            m._buffers[key] = b
+    with torch.no_grad():
+        for (_, _, b), updated in zip(buffers, repeated, strict=True):
+            b.copy_(updated[: b.shape[0]])  # device 0's block: rank 0's buffers
+    return keep_format(_unfolded(y, devices), x)
+
+
+def _unfolded(y: Tensor, devices: int) -> Tensor:
+    """(N/k, k*C, ...) with device d's slice in channels d*C .. (d+1)*C back to (N, C, ...)."""
+    per_device, channels = y.shape[0], y.shape[1] // devices
+    y = y.reshape(per_device, devices, channels, *y.shape[2:]).transpose(0, 1)
+    return y.reshape(devices * per_device, channels, *y.shape[3:])
+
+
+def folding_devices() -> int:
+    """Inside a folded forward, its number of devices k (0 elsewhere). A layer in it, and its forward
+    hooks, see the folded (N/k, k*C, ...) batch with the layer's channel and group counts times k, so
+    every statistic they compute appears once per device, device-major (``precise_stats`` pools them)."""
+    return _folding
+
+
+def _per_slice_call(layer: nn.Module, call, x: Tensor, *args, **kwargs) -> Tensor:
+    """``call`` once per slice, each from the same starting buffers; device 0's buffers kept."""
+    global _current_device
+    devices = layer.virtual_devices
     owned = [(owner, key, tensor) for owner in layer.modules() for key, tensor in owner._buffers.items()
              if tensor is not None]
     names = type(layer).device_state

@@ -17,7 +17,7 @@ RUN_COUNTS = {
     "batch_regimes_resnet50.yaml": 30,
     "understanding_bn_resnet110.yaml": 36,
     "final_placement.yaml": 30,
-    "batch_regimes_digits.yaml": 60,
+    "batch_regimes_digits.yaml": 40,
     "understanding_bn_digits.yaml": 36,
     "final_placement_digits.yaml": 30,
     "bn_init_scale_digits.yaml": 12,
@@ -96,6 +96,18 @@ def test_resnet50_sweep_follows_the_gn_protocol(data_dirs):
         seen.add((run.norm, bool(cfg.trainer.sync_norm), n))
     norms = {("bn", False), ("bn", True), ("gn", False), ("bgn", False), ("frn", False), ("brn", False)}
     assert seen == {(norm, sync, n) for norm, sync in norms for n in (32, 16, 8, 4, 2)}
+
+
+def test_digits_batch_regimes_hold_the_sgd_batch_and_budget_fixed():
+    """The laptop-scale file on the GN protocol: one global batch and one step budget for every run,
+    the statistics batch set by virtual devices alone."""
+    sweep = load_sweep(SWEEPS / "batch_regimes_digits.yaml")
+    configs = [run.cfg for run in sweep.runs]
+    assert {c.data.batch_size for c in configs} == {64} and {c.trainer.max_steps for c in configs} == {1000}
+    assert {effective_lr(c.optim, c.data.batch_size) for c in configs} == {0.2}
+    for norm in ("bn", "bgn", "brn"):
+        per_device = {64 // run.cfg.trainer.virtual_devices for run in sweep.runs if run.norm.startswith(norm)}
+        assert per_device == {2, 4, 8, 16, 32, 64}, norm
 
 
 def test_linear_lr_scaling_from_a_base_batch_of_32_is_the_gn_rule():

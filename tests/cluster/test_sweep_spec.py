@@ -85,12 +85,25 @@ def test_multi_device_runs_need_slurm_with_one_task_per_device(write_sweep):
 
 def test_shipped_sweep_files_load(tmp_path):
     demo = load_sweep(REPO / "configs" / "sweeps" / "demo.yaml")
-    assert len(demo.runs) == 45 and demo.executor.kind == "local"
+    assert len(demo.runs) == 54 and demo.executor.kind == "local"
     assert {r.norm.partition(":")[0] for r in demo.runs} == {"bn", "bgn", "brn", "gn", "frn", "none"}
     # the GN paper's protocol: one global batch, the statistics batch set by the virtual devices, one step budget
     configs = [r.cfg for r in demo.runs]
-    assert {c.data.batch_size for c in configs} == {32} and {c.trainer.max_steps for c in configs} == {352}
-    assert {32 // c.trainer.virtual_devices for c in configs} == {2, 4, 8, 32}
+    assert {c.data.batch_size for c in configs} == {64} and {c.trainer.max_steps for c in configs} == {1000}
+    for norm in ("bn", "bgn", "brn"):
+        per_device = {64 // r.cfg.trainer.virtual_devices for r in demo.runs if r.norm.startswith(norm)}
+        assert per_device == {2, 4, 8, 16, 32}, norm
+    # an MLP: each of bn's statistics is over the per-device batch alone
+    assert {c.model.arch for c in configs} == {"mlp"}
+    # the budget check is the demo's seed 0 at twice the steps, nothing else changed
+    check = load_sweep(REPO / "configs" / "sweeps" / "demo_budget_check.yaml")
+    seed_zero = [r for r in demo.runs if r.cfg.seed == 0]
+    assert [r.values for r in check.runs] == [r.values for r in seed_zero] and len(check.runs) == 18
+    for ours, doubled in zip((r.cfg for r in seed_zero), (r.cfg for r in check.runs), strict=True):
+        assert doubled.trainer.max_steps == 2 * ours.trainer.max_steps
+        doubled.trainer.max_steps = ours.trainer.max_steps
+        doubled.tracking.experiment = ours.tracking.experiment
+        assert doubled == ours
     # The CIFAR sweeps name data/cifar10 under the current directory: give them the file names they check.
     cifar = tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)

@@ -47,32 +47,37 @@ def test_precise_stats_are_the_population_statistics(name):
 
 
 class TwoLayers(nn.Module):
-    def __init__(self):
+    def __init__(self, spec: str = "bn"):
         super().__init__()
-        self.conv1, self.norm1 = nn.Conv2d(3, 4, 3, padding=1), build_norm("bn", 4)
-        self.conv2, self.norm2 = nn.Conv2d(4, 4, 3, padding=1), build_norm("bn", 4)
+        self.conv1, self.norm1 = nn.Conv2d(3, 4, 3, padding=1), build_norm(spec, 4)
+        self.conv2, self.norm2 = nn.Conv2d(4, 4, 3, padding=1), build_norm(spec, 4)
 
     def forward(self, x):
         return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
 
 
+@pytest.mark.parametrize("name", ["bn", "bgn", "brn"])
 @pytest.mark.parametrize("devices", [1, 4])
-def test_deeper_layers_see_training_mode_inputs_over_the_virtual_devices(devices):
+def test_deeper_layers_see_training_mode_inputs_over_the_virtual_devices(devices, name):
     """Layer 2's population is over its inputs in a training-mode forward, where layer 1 normalises each
     virtual device's slice with that slice's statistics, as in training."""
     torch.manual_seed(0)
-    net = set_virtual_devices(TwoLayers(), devices)
+    net = set_virtual_devices(TwoLayers(SPECS[name]), devices)
     batches = [torch.randn(8, 3, 5, 5) for _ in range(3)]
-    reference = copy.deepcopy(net).train()
+    reference = set_virtual_devices(copy.deepcopy(net), 1).train()  # one plain copy per device's slice
     seen = []
     reference.norm2.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
     with torch.no_grad():
         for batch in batches:
-            reference(batch)
+            for part in batch.chunk(devices):
+                reference(part)
     precise_stats(net, [(b, None) for b in batches])
-    mean, var = population(torch.cat(seen), "bn")
+    mean, var = population(torch.cat(seen), SPECS[name])
     torch.testing.assert_close(net.norm2.running_mean, mean)
-    torch.testing.assert_close(net.norm2.running_var, var)
+    if name == "brn":
+        torch.testing.assert_close(net.norm2.running_std, torch.sqrt(var + net.norm2.eps))
+    else:
+        torch.testing.assert_close(net.norm2.running_var, var)
     assert net.training
 
 

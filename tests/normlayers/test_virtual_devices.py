@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import normlayers
-from normlayers import available, build_norm, link_kalman_layers, norm_class, set_virtual_devices
+from normlayers import available, build_norm, link_kalman_layers, norm_class, set_virtual_devices, virtual
 
 # options that make the batch-dependent machinery act within a few steps
 OPTIONS = {"brn": ":warmup_steps=0,r_max_steps=2,d_max_steps=2", "cbn": ":burnin=1,k=2", "ghost": ":virtual_batch=2",
@@ -118,3 +118,39 @@ def test_virtual_devices_and_sync_refuse_each_other():
     with pytest.raises(ValueError, match="do not combine"):
         set_virtual_devices(layer, 2)
     assert normlayers.set_virtual_devices is set_virtual_devices
+
+
+FOLDED = {"bn", "brn", "bgn", "ghost", "evonorm_b0", "iebn", "ic"}
+
+
+def test_variants_with_per_channel_statistics_fold_and_the_others_run_per_slice():
+    assert {name for name in BATCH_DEPENDENT if virtual.folds(norm_class(name))} == FOLDED
+    assert not virtual.folds(norm_class("cbn")) and not virtual.folds(norm_class("kn"))
+
+
+@pytest.mark.parametrize("name", sorted(FOLDED))
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (8, 4)], ids=["nchw", "nc"])
+def test_the_folded_forward_equals_the_per_slice_one(name, shape):
+    """Called directly (virtual_call falls back to the per-slice path on a refusal): the same outputs,
+    input and parameter gradients and buffers, at the step the run's layers start from and after it."""
+    if name == "evonorm_b0" and len(shape) == 2:
+        pytest.skip("evonorm_b0 needs spatial input")
+    torch.manual_seed(0)
+    folded = set_virtual_devices(build_norm(name + OPTIONS.get(name, ""), 4), 4).train()
+    sliced = copy.deepcopy(folded)
+    for step in range(3):
+        x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        weights = torch.randn(*shape, dtype=torch.float64)
+        ya = virtual._folded_call(folded, super(type(folded), folded).__call__, xa)
+        yb = virtual._per_slice_call(sliced, super(type(sliced), sliced).__call__, xb)
+        (ya * weights).sum().backward()
+        (yb * weights).sum().backward()
+        torch.testing.assert_close(ya, yb, msg=f"{name} step {step}: outputs")
+        torch.testing.assert_close(xa.grad, xb.grad, msg=f"{name} step {step}: input gradients")
+        for (key, a), b in zip(folded.named_parameters(), sliced.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=f"{name} step {step}: gradient of {key}")
+        for (key, a), b in zip(folded.named_buffers(), sliced.buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0 if a.dtype == torch.long else 1e-12,
+                                       msg=f"{name} step {step}: buffer {key}")
+    assert folded.num_features == 4  # the fold's channel count is undone
