@@ -163,7 +163,15 @@ class NormClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes inside an epoch: the sums start here too
+        # (the resumed epoch's train metrics then cover the batches after the restart).
+        self._reset_epoch_sums()
+
     def on_train_epoch_start(self) -> None:
+        self._reset_epoch_sums()
+
+    def _reset_epoch_sums(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), device=self.device, dtype=torch.long)
         self._seen = 0
