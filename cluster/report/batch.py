@@ -14,6 +14,7 @@ from pathlib import Path
 from cluster.report import stats
 from cluster.report.panel import Panel, Table, figure, fmt, lr_label
 from cluster.report.records import RunRecord
+from normlayers.registry import info_of
 
 FIGURE = "batch_regimes.png"
 TITLE = "Batch-size regimes"
@@ -55,22 +56,42 @@ def point_errors(records, norm: str, batch_size: int, lr: float) -> dict[int, fl
             if r.norm == norm and r.batch_size == batch_size and r.lr == lr and not r.unstable}
 
 
+def batch_independent(norm: str) -> bool:
+    """Whether a norm label names a variant whose training output never mixes samples (gn, ln, frn, none...):
+    its error does not depend on the per-device batch. Labels with a preconditioner (``+bnp``, ``bnp``) or
+    unknown names count as batch-dependent."""
+    try:
+        return "+" not in norm and not info_of(norm.split(":", 1)[0]).batch_dependent
+    except KeyError:
+        return False
+
+
+def flat_norms(regimes: dict) -> dict[str, dict]:
+    """Batch-independent norms run at one per-device batch: their one point stands for every batch size."""
+    return {norm: points[0] for norm, points in regimes.items() if len(points) == 1 and batch_independent(norm)}
+
+
 def findings(regimes: dict, records) -> list[str]:
-    """Every pair of norms at every shared batch size, paired on shared seeds, resolved ones first."""
+    """Every pair of norms at every shared batch size, paired on shared seeds, resolved ones first; a
+    batch-independent norm run at one batch is compared at each batch size of the other norm."""
     if not regimes:
         return []
     if max(p["seeds"] for points in regimes.values() for p in points) < 2:
         return ["One seed per setting: no confidence interval can be given, so no difference between norms "
                 "is stated as a finding; run at least 2 seeds (5 to resolve small gaps)."]
+    flat = flat_norms(regimes)
     comparisons = []
     for norm_a, norm_b in combinations(sorted(regimes), 2):
+        at_a = {p["batch_size"]: p for p in regimes[norm_a]}
         at_b = {p["batch_size"]: p for p in regimes[norm_b]}
-        for pa in regimes[norm_a]:
-            pb = at_b.get(pa["batch_size"])
-            if pb is None:
-                continue
+        if norm_a in flat and norm_b not in flat:
+            at_a = dict.fromkeys(at_b, flat[norm_a])
+        elif norm_b in flat and norm_a not in flat:
+            at_b = dict.fromkeys(at_a, flat[norm_b])
+        for batch_size in sorted(set(at_a) & set(at_b)):
+            pa, pb = at_a[batch_size], at_b[batch_size]
             c = stats.compare(norm_a, point_errors(records, norm_a, pa["batch_size"], pa["lr"]),
-                              norm_b, point_errors(records, norm_b, pb["batch_size"], pb["lr"]), pa["batch_size"])
+                              norm_b, point_errors(records, norm_b, pb["batch_size"], pb["lr"]), batch_size)
             if c is not None:
                 comparisons.append(c)
     comparisons.sort(key=lambda c: (not c.resolved, c.batch_size, c.worse, c.better))
@@ -130,10 +151,15 @@ def plot(data: dict, path: Path) -> dict:
     """Validation error vs per-device batch size; returns the plotted series ``{norm: (x, y, std)}``."""
     fig, (ax,) = figure(7, 4.5)
     plotted = {}
+    flat = flat_norms(data)
+    span = sorted({p["batch_size"] for points in data.values() for p in points})
     for norm, points in data.items():
+        if norm in flat and len(span) > 1:  # batch-independent: one run stands for every per-device batch
+            points = [{**flat[norm], "batch_size": b} for b in (span[0], span[-1])]
         x = [p["batch_size"] for p in points]
         y = [p["mean_error"] for p in points]
-        (line,) = ax.plot(x, y, marker="o", label=norm)
+        (line,) = ax.plot(x, y, marker="" if norm in flat else "o", linestyle="--" if norm in flat else "-",
+                          label=f"{norm} (batch-independent)" if norm in flat else norm)
         band = [(p["batch_size"], p["mean_error"], p["ci_half"]) for p in points if p["ci_half"] is not None]
         if band:
             bx, by, bh = zip(*band, strict=True)
@@ -160,6 +186,11 @@ def panel(records: list[RunRecord], out: Path) -> Panel:
     result = Panel("batch", TITLE, notes=notes, data=regimes)
     if not regimes:
         return result
+    flat = flat_norms(regimes)
+    if flat and len(batch_sizes) > 1:
+        notes.append(f"{', '.join(sorted(flat))}: no statistic mixes samples, so the error does not depend on the "
+                     f"per-device batch; each ran at one batch size, is drawn as a dashed flat line and is compared "
+                     f"with the other norms at every per-device batch")
     result.plotted = plot(regimes, out / FIGURE)
     result.figure = FIGURE
     rows = [[norm, str(p["batch_size"]), lr_label(p["lr"]), str(p["seeds"]), fmt(p["mean_error"]),

@@ -35,6 +35,8 @@ REGIME_ERRORS = {
     ("bn", 2): [0.40, 0.42, 0.45], ("bn", 4): [0.20, 0.22, 0.25], ("bn", 8): [0.11, 0.12, 0.12],
     ("bn", 16): [0.10, 0.11, 0.12], ("gn", 2): [0.15, 0.16, 0.14], ("gn", 16): [0.15, 0.14, 0.16],
 }
+# a batch-independent norm (gn) run once, at per-device batch 64, against bn at 2 and 16
+FLAT_ERRORS = {("bn", 2): [0.40, 0.45, 0.42], ("bn", 16): [0.10, 0.11, 0.12], ("gn", 64): [0.15, 0.16, 0.14]}
 # accuracy under (running, precise, batch) statistics by seed, per (norm, per-device batch)
 BY_STATS = {
     ("bn", 2): [(0.60, 0.75, 0.70), (0.62, 0.76, 0.71), (0.58, 0.74, 0.69)],
@@ -62,13 +64,16 @@ def log_run(client, experiment_id, norm, batch_size, lr, seed, outcome, acc, ext
 def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('outcomes') / 'mlflow.db'}"
     client = MlflowClient(uri)
-    ids = {name: client.create_experiment(name) for name in ("outcomes", "regimes", "stats")}
+    ids = {name: client.create_experiment(name) for name in ("outcomes", "regimes", "stats", "flat")}
     for (norm, lr), seeds in OUTCOMES.items():
         for seed, (outcome, acc) in enumerate(seeds):
             log_run(client, ids["outcomes"], norm, 8, lr, seed, outcome, acc)
     for (norm, batch_size), errors in REGIME_ERRORS.items():
         for seed, error in enumerate(errors):
             log_run(client, ids["regimes"], norm, batch_size, 0.1, seed, "finished", 1 - error)
+    for (norm, batch_size), errors in FLAT_ERRORS.items():
+        for seed, error in enumerate(errors):
+            log_run(client, ids["flat"], norm, batch_size, 0.1, seed, "finished", 1 - error)
     for (norm, batch_size), seeds in BY_STATS.items():
         for seed, accs in enumerate(seeds):
             extra = [(f"val_acc/{kind}", acc) for kind, acc in zip(("running", "precise", "batch"), accs, strict=True)]
@@ -145,3 +150,20 @@ def test_the_inconsistency_panel_shows_the_errors_under_each_statistics(store, t
     assert (tmp_path / "norm_stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert panels_of(store, "regimes", tmp_path)["norm_stats"].notes == [
         "no run was evaluated with precise or batch statistics (eval.norm_stats): no train/test inconsistency panel"]
+
+
+def test_a_batch_independent_norm_is_a_flat_line_compared_at_every_batch(store, tmp_path):
+    panel = panels_of(store, "flat", tmp_path)["batch"]
+    x, y, _ = panel.plotted["gn"]
+    gn = sum(FLAT_ERRORS[("gn", 64)]) / 3
+    assert x == [2, 64] and y == pytest.approx([gn, gn])  # drawn across the whole range of batch sizes
+    assert panel.data["gn"][0]["batch_size"] == 64  # the table keeps the batch it ran at
+    at_2 = [a - b for a, b in zip(FLAT_ERRORS[("bn", 2)], FLAT_ERRORS[("gn", 64)], strict=True)]
+    assert (f"bn is worse than gn at per-device batch 2 by {100 * sum(at_2) / 3:.1f} ± "
+            f"{100 * half_width(at_2):.1f} points (95% t interval, 3 seeds).") in panel.findings
+    at_16 = [a - b for a, b in zip(FLAT_ERRORS[("gn", 64)], FLAT_ERRORS[("bn", 16)], strict=True)]
+    assert (f"gn vs bn at per-device batch 16: the difference {100 * sum(at_16) / 3:.1f} ± "
+            f"{100 * half_width(at_16):.1f} points (95% t interval, 3 seeds) is not resolved at 3 seeds.") \
+        in panel.findings
+    assert not any("batch 64" in line for line in panel.findings if line.startswith("bn "))
+    assert any(note.startswith("gn: no statistic mixes samples") for note in panel.notes)
