@@ -32,7 +32,7 @@ import normlayers
 from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe, ValidationHistory
 from trainer.checkpoint_io import AtomicCheckpointIO, previous_of, resumable
-from trainer.config import ConfigError, flatten, run_key, validated
+from trainer.config import ConfigError, checked, flatten, run_key
 from trainer.data import build_datamodule
 from trainer.distributed import NodeNames
 from trainer.epoch_metrics import EpochMetricsInCheckpoint
@@ -315,7 +315,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     Raises :class:`~trainer.config.ConfigError` for a config that cannot run (unusable data, a norm
     that does not fit the model or batch) before creating any MLflow run or file.
     """
-    cfg = validated(cfg)
+    cfg = checked(cfg)  # a config load_config (or validated) returned, unchanged since, is not checked again
     _check_can_run(cfg)
     recorded = _recorded(cfg)
     if recorded is not None:
