@@ -24,7 +24,7 @@ from trainer.tracking import DEFAULT_TRACKING_URI
 
 class Choice(StrEnum):
     """The allowed values of one key. Each member's name is its value and a member is a ``str``, so a config
-    holds, stores, hashes (the run key) and logs exactly the text written today, and compares equal to it."""
+    holds, stores, hashes (the run key) and logs exactly the text a `str` field would, and compares equal to it."""
 
     @classmethod
     def _missing_(cls, value: object) -> Choice | None:
