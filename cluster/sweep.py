@@ -25,7 +25,7 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,75 +35,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
 import trainer.config
+import trainer.data.files
+from cluster.sweep_schema import TOP_LEVEL_KEYS, ExecutorSettings, SweepError, SweepFile, read_sweep_file
 from trainer.config import ConfigError, check_config, load_config, norm_spec_text, run_key
 from trainer.tracking import resolve_uri
-
-TOP_LEVEL_KEYS = ("name", "experiment", "base", "overrides", "grid", "zip", "seeds", "executor")
-EXECUTOR_KINDS = ("slurm", "local", "debug")
-
-
-class SweepError(ValueError):
-    """A sweep file that cannot run; its str is one line saying what is wrong and what to do."""
-
-
-@dataclass
-class ExecutorSettings:
-    """The `executor` block. Keys not listed here are rejected."""
-
-    kind: str = "local"
-    partition: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
-    cpus_per_task: int = 1
-    mem_gb: float | None = None
-    timeout_min: int = 60
-    array_parallelism: int = 2
-    runs_per_job: int = 1
-    sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters, e.g. {account: lab}
-    setup: list[str] = field(default_factory=list)  # shell lines run in the job before python starts
-    max_requeues: int = 3
-    log_dir: str | None = None  # default: <output.root>/sweeps/<name>
-
-    @classmethod
-    def from_mapping(cls, raw: Any, where: str) -> ExecutorSettings:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise SweepError(f"{where}: `executor` must be a mapping of settings, got {type(raw).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise SweepError(
-                f"{where}: unknown executor key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}"
-            )
-        settings = cls(**raw)
-        settings._check(where)
-        return settings
-
-    def _check(self, where: str) -> None:
-        if self.kind not in EXECUTOR_KINDS:
-            raise SweepError(f"{where}: executor.kind={self.kind!r}; choose one of {', '.join(EXECUTOR_KINDS)}")
-        positive = ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min", "array_parallelism", "runs_per_job")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SweepError(f"{where}: executor.{name}={value!r}; it must be a positive integer")
-        for name in ("gpus_per_node", "max_requeues"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SweepError(f"{where}: executor.{name}={value!r}; it must be an integer >= 0")
-        if self.mem_gb is not None and (not isinstance(self.mem_gb, int | float) or self.mem_gb <= 0):
-            raise SweepError(f"{where}: executor.mem_gb={self.mem_gb!r}; it must be a positive number of GB")
-        if not isinstance(self.sbatch, dict):
-            raise SweepError(f"{where}: executor.sbatch must be a mapping of extra sbatch parameters")
-        if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
-            raise SweepError(f"{where}: executor.setup must be a list of shell lines")
-        if self.kind != "slurm" and (self.nodes > 1 or self.tasks_per_node > 1):
-            raise SweepError(
-                f"{where}: executor.kind={self.kind} runs one process per job; multi-device runs "
-                "(nodes or tasks_per_node > 1) need kind: slurm"
-            )
 
 
 @dataclass
@@ -168,21 +103,9 @@ def _as_override(key: str, value: Any) -> str:
     return f"{key}={_format_value(value)}"
 
 
-def _axis_lists(section: Any, name: str, where: str) -> dict[str, list[Any]]:
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise SweepError(f"{where}: `{name}` must map dotted keys to lists of values, e.g. model.norm: [bn, gn]")
-    for key, values in section.items():
-        if not isinstance(values, list):
-            raise SweepError(f"{where}: {name}.{key} must be a list of values, got {values!r}")
-    return section
-
-
-def _expand(raw: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """Grid values of every run: grid x zip x seeds, in file order."""
-    grid = _axis_lists(raw.get("grid"), "grid", where)
-    zipped = _axis_lists(raw.get("zip"), "zip", where)
+def _expand(spec: SweepFile, where: str) -> list[dict[str, Any]]:
+    """Grid values of every run: grid x zip x seeds, in file order (the schema has checked their types)."""
+    grid, zipped = spec.grid, spec.zip
     lengths = {key: len(values) for key, values in zipped.items()}
     if len(set(lengths.values())) > 1:
         shown = ", ".join(f"{k} has {n}" for k, n in lengths.items())
@@ -194,10 +117,8 @@ def _expand(raw: dict[str, Any], where: str) -> list[dict[str, Any]]:
     if zipped:
         n = next(iter(lengths.values()))
         axes.append([{key: values[i] for key, values in zipped.items()} for i in range(n)])
-    seeds = raw.get("seeds")
+    seeds = spec.seeds
     if seeds is not None:
-        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise SweepError(f"{where}: `seeds` must be a list of integers, got {seeds!r}")
         if "seed" in grid or "seed" in zipped:
             raise SweepError(f"{where}: `seed` is both in `seeds` and in grid/zip; keep it in one place")
         axes.append([{"seed": s} for s in seeds])
@@ -226,30 +147,26 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         raise SweepError(f"{where}: not valid YAML{line}; fix the syntax") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{where}: a sweep file is a YAML mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
-    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise SweepError(f"{where}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL_KEYS)}")
-    name = raw.get("name") or path.stem
-    if not isinstance(name, str) or "/" in name:
+    spec = read_sweep_file(raw, where)  # the schema (cluster/sweep_schema.py): keys and types
+    name = spec.name or path.stem
+    if "/" in name:
         raise SweepError(f"{where}: `name` must be a plain string without '/'")
-    executor = ExecutorSettings.from_mapping(raw.get("executor"), where)
+    executor = spec.executor
 
-    base = raw.get("base")
+    base = spec.base
     if base is not None:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             raise SweepError(f"{where}: base experiment {base} not found (looked at {base_path})")
         base = str(base_path.resolve())
-    common = raw.get("overrides") or {}
-    if not isinstance(common, dict):
-        raise SweepError(f"{where}: `overrides` must map dotted keys to values, e.g. trainer.max_epochs: 3")
-    combos = _expand(raw, where)
+    common = spec.overrides
+    combos = _expand(spec, where)
     if not combos:
         raise SweepError(f"{where}: the sweep expands to zero runs (an empty list in grid, zip or seeds); "
                          "give every axis at least one value")
 
     # Settings every run shares: where it logs and where its run dir lives, pinned to absolute paths.
-    experiment = raw.get("experiment") or name
+    experiment = spec.experiment or name
     common_overrides = [_as_override(k, v) for k, v in common.items()]
     try:
         probe = load_config(base, common_overrides)
@@ -334,7 +251,7 @@ def _fingerprint(path: Path, base: str | None, overrides: list[str], resolved_co
     if base is not None:
         digest.update(Path(base).read_bytes())
     digest.update(json.dumps(overrides).encode())
-    for package in (trainer.config, normlayers):
+    for package in (trainer.config, trainer.data.files, normlayers):  # trainer/, trainer/data/, normlayers/
         for source in sorted(Path(package.__file__).parent.glob("*.py")):
             digest.update(source.read_bytes())
     return digest.hexdigest()

@@ -29,7 +29,8 @@ def derived_run_key(spec: str, config: Any, key: str) -> str:
     """The run key of ``config`` with the ``with:`` overrides of ``spec`` and ``model.<key>`` null."""
     from trainer.config import ExperimentConfig, run_key  # config imports this module
 
-    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    container = OmegaConf.to_container(config, resolve=True, enum_to_str=True) if isinstance(config, DictConfig) \
+        else config
     base = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), container)
     base.model[key] = None
     items = spec[len(DERIVED):].split()

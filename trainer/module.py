@@ -130,7 +130,7 @@ class NormClassifier(pl.LightningModule):
                     image_size: int) -> NormClassifier:
         """The module a normlab experiment config describes, for data of that shape."""
         if isinstance(config, DictConfig):
-            config = OmegaConf.to_container(config, resolve=True)
+            config = OmegaConf.to_container(config, resolve=True, enum_to_str=True)  # checkpoints hold plain values
         probes = config["probes"]
         fisher = None
         if probes.get("fisher_every_n_steps", 0):

@@ -32,7 +32,7 @@ import normlayers
 from trainer import tracking
 from trainer.callbacks import DivergenceGuard, EpochLines, EpochSeeding, LastValidation, LayerProbe, ValidationHistory
 from trainer.checkpoint_io import AtomicCheckpointIO, previous_of, resumable
-from trainer.config import ConfigError, flatten, run_key, validated
+from trainer.config import ConfigError, checked, flatten, run_key
 from trainer.data import build_datamodule
 from trainer.dataset_input import log_dataset_input
 from trainer.distributed import NodeNames
@@ -81,13 +81,27 @@ def _preflight(module: NormClassifier, batch: torch.Tensor) -> None:
 
 
 def quiet_lightning() -> None:
-    """Lightning's start-up banners and tips off; warnings and errors stay."""
+    """Lightning's start-up banners and tips off; warnings and errors stay, but for four that are expected here.
+
+    Banners go by logger level (Lightning logs them at INFO); the model summary and progress bar are Trainer
+    flags (``_build_trainer``). Of the four warnings, torch's deprecation is told apart by its category and
+    the Lightning module that triggers it. The other three have no switch, no logger and no category of their
+    own (``PossibleUserWarning`` also carries warnings worth seeing, such as a checkpoint from a newer
+    Lightning): they are matched by their text within their category, as Lightning's own docs
+    (advanced/warnings.rst) filter them.
+    """
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
-    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+    from pytorch_lightning.utilities.warnings import PossibleUserWarning
+
+    # torch's `LeafSpec` deprecation, raised inside Lightning's pytree helper on every step's batch
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
+    # a resumed run's checkpoint directory holds its own last.ckpt (a plain UserWarning of ModelCheckpoint)
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*", category=UserWarning)
+    # data.num_workers is the user's choice (imagefolder); the in-memory data needs no workers
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*", category=PossibleUserWarning)
+    # submitit starts the job's tasks itself, so Lightning's hint to prepend `srun` does not apply
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available.*", category=PossibleUserWarning)
 
 
 @dataclass
@@ -317,7 +331,7 @@ def train(cfg: DictConfig | dict, callbacks: list[Callback] | None = None) -> Ru
     Raises :class:`~trainer.config.ConfigError` for a config that cannot run (unusable data, a norm
     that does not fit the model or batch) before creating any MLflow run or file.
     """
-    cfg = validated(cfg)
+    cfg = checked(cfg)  # a config load_config (or validated) returned, unchanged since, is not checked again
     _check_can_run(cfg)
     recorded = _recorded(cfg)
     if recorded is not None:

@@ -1,17 +1,60 @@
 """The experiment schema: the dataclasses ``trainer.config`` turns into an OmegaConf structured config.
 
 Every key of an experiment, its type, default and help text (``normlab train --help``); the rules that
-involve several keys are :func:`trainer.config.check_config`'s.
+involve several keys are :func:`trainer.config.check_config`'s. A key with a fixed set of values is an
+OmegaConf ``Enum`` field (:class:`Choice`), so OmegaConf itself rejects any other value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import normlayers
+from normlayers.weight_std import KINDS as WEIGHT_STD_KINDS
+from trainer.data.files import DATASETS
+from trainer.models import DEFAULT_WIDTH
+from trainer.models.norms import PLACEMENTS
+from trainer.models.reactnet import BINARY_MODES
 from trainer.tracking import DEFAULT_TRACKING_URI
+
+
+class Choice(StrEnum):
+    """The allowed values of one key. Each member's name is its value and a member is a ``str``, so a config
+    holds, stores, hashes (the run key) and logs exactly the text a `str` field would, and compares equal to it."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Choice | None:
+        # YAML reads `precision: 32` as an int; OmegaConf looks ints up by value, and the value is the text "32"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls._value2member_map_.get(str(value))
+        return None
+
+
+def choices(name: str, values: Iterable[str]) -> type[Choice]:
+    """A :class:`Choice` of ``values``, in their order (the order an error message lists them in)."""
+    return Choice(name, {value: value for value in values}, module=__name__, qualname=name)
+
+
+# each from its owner where there is one (the models, the data package, normlayers); the rest are the schema's
+Arch = choices("Arch", DEFAULT_WIDTH)
+NormPlacement = choices("NormPlacement", PLACEMENTS)
+WeightStd = choices("WeightStd", WEIGHT_STD_KINDS)
+Binary = choices("Binary", BINARY_MODES)
+Dataset = choices("Dataset", DATASETS)
+Optimizer = choices("Optimizer", ("sgd", "adam"))
+Schedule = choices("Schedule", ("cosine", "step", "constant", "linear"))
+LrScaling = choices("LrScaling", ("none", "linear"))
+Precondition = choices("Precondition", ("none", "bnp"))
+Accelerator = choices("Accelerator", ("auto", "cpu", "gpu", "cuda"))
+Strategy = choices("Strategy", ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true",
+                                "ddp_find_unused_parameters_false", "fsdp", "single_device"))
+Precision = choices("Precision", ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"))
+ClipAlgorithm = choices("ClipAlgorithm", ("norm", "value", "agc"))
+NormStats = choices("NormStats", ("running", "precise", "batch"))
 
 
 def _opt(default: Any, help_: str) -> Any:
@@ -24,19 +67,20 @@ def _opt(default: Any, help_: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("cifar_resnet", "cifar_resnet | cifar_preact_resnet | resnet | plain_cnn | mlp | reactnet")
+    arch: Arch = _opt(Arch.cifar_resnet, "cifar_resnet | cifar_preact_resnet | resnet | plain_cnn | mlp | reactnet")
     depth: int = _opt(20, "cifar_*: 6n+2 (20, 32, 44, 56, 110); resnet: 18, 34, 50, 101, 152; "
                           "plain_cnn: conv layers; mlp: hidden layers; reactnet: unused (always 18)")
     width: int | None = _opt(None, "base width; null = the arch's own (cifar 16, resnet 64, plain_cnn 32, mlp 256)")
     norm: Any = _opt("bn", "normalization spec for every norm site: 'bn', 'gn:groups=8' or {name: gn, groups: 8}")
-    norm_placement: str = _opt("all", "all | final (only before the classifier, Bjorck et al. 2018) | none")
+    norm_placement: NormPlacement = _opt(NormPlacement.all,
+                                         "all | final (only before the classifier, Bjorck et al. 2018) | none")
     norm_init_scale: float = _opt(1.0, "initial scale (gamma) of every norm layer that has one")
     norm_order: str = _opt("auto", "auto | norm_act (weight-norm-ReLU) | act_norm (weight-ReLU-norm, before the next "
                                    "weight layer, as the IC layer needs); auto: act_norm for ic, else norm_act")
-    weight_std: str = _opt("none", "none | ws (Qiao et al. 2019) | scaled_ws (Brock et al. 2021, learnable gain; "
-                                   "on reactnet also the NF residual scaling) on every conv and linear weight but "
-                                   "the classifier's")
-    binary: str = _opt("none", "reactnet: none | activations | weights_and_activations (its 3x3 convs; stem, "
+    weight_std: WeightStd = _opt(WeightStd.none, "none | ws (Qiao et al. 2019) | scaled_ws (Brock et al. 2021, "
+                                                 "learnable gain; on reactnet also the NF residual scaling) on every "
+                                                 "conv and linear weight but the classifier's")
+    binary: Binary = _opt(Binary.none, "reactnet: none | activations | weights_and_activations (its 3x3 convs; stem, "
                                "shortcuts and classifier stay real-valued)")
     teacher: str | None = _opt(None, "distil from this run (a run key under output.root, a .ckpt path, or "
                                      "'with:KEY=VALUE ...': this run's config with those overrides) with "
@@ -55,7 +99,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _opt("digits", "digits | cifar10 | cifar100 | imagefolder | synthetic")
+    name: Dataset = _opt(Dataset.digits, "digits | cifar10 | cifar100 | imagefolder | synthetic")
     path: str | None = _opt(None, "cifar10/cifar100: the directory holding the python-pickle batches; "
                                   "imagefolder: the directory with train/ and val/ folders of class folders")
     batch_size: int = _opt(64, "per-device batch size: what the norm layers see")
@@ -73,19 +117,21 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = _opt(0.1, "SGD learning rate (at base_batch_size when lr_scaling=linear)")
-    optimizer: str = _opt("sgd", "sgd | adam (betas 0.9, 0.999; momentum and nesterov unused)")
+    optimizer: Optimizer = _opt(Optimizer.sgd, "sgd | adam (betas 0.9, 0.999; momentum and nesterov unused)")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(False, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay; never applied to norm parameters or biases")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs")
     warmup_steps: int = _opt(-1, "linear warm-up length in optimizer steps (-1: warmup_epochs decides)")
-    schedule: str = _opt("cosine", "cosine | step | constant | linear (decay to 0) (after warm-up)")
+    schedule: Schedule = _opt(Schedule.cosine, "cosine | step | constant | linear (decay to 0) (after warm-up)")
     step_milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr drops")
     step_gamma: float = _opt(0.1, "step schedule: factor at each milestone")
-    lr_scaling: str = _opt("none", "none | linear (lr * global_batch / base_batch_size, Goyal et al. 2017)")
+    lr_scaling: LrScaling = _opt(LrScaling.none,
+                                 "none | linear (lr * global_batch / base_batch_size, Goyal et al. 2017)")
     base_batch_size: int = _opt(128, "global batch size the lr is given for under lr_scaling=linear")
-    precondition: str = _opt("none", "none | bnp (Batch Normalization Preconditioning, Lange et al. 2022: every conv "
-                                     "and linear layer's gradients conditioned as on normalised inputs)")
+    precondition: Precondition = _opt(Precondition.none, "none | bnp (Batch Normalization Preconditioning, Lange et "
+                                                         "al. 2022: every conv and linear layer's gradients "
+                                                         "conditioned as on normalised inputs)")
     bnp_momentum: float = _opt(normlayers.bnp.DEFAULT_MOMENTUM, "bnp: weight of a step's batch in the running "
                                                                 "input statistics, in [0, 1]")
     bnp_eps: float = _opt(normlayers.bnp.DEFAULT_EPS, "bnp: added to the input variance, > 0")
@@ -99,11 +145,11 @@ class TrainerConfig:
                               "max_epochs is ignored (-1: max_epochs decides)")
     virtual_devices: int = _opt(1, "each batch-dependent norm acts as this many unsynchronised devices, each "
                                    "normalising data.batch_size / virtual_devices samples")
-    accelerator: str = _opt("auto", "cpu | gpu | cuda | auto")
+    accelerator: Accelerator = _opt(Accelerator.auto, "cpu | gpu | cuda | auto")
     devices: int = _opt(1, "devices per node (DDP when devices * num_nodes > 1)")
     num_nodes: int = _opt(1, "nodes")
-    strategy: str = _opt("auto", "Lightning strategy: auto | ddp | ddp_spawn ...")
-    precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
+    strategy: Strategy = _opt(Strategy.auto, "Lightning strategy: auto | ddp | ddp_spawn ...")
+    precision: Precision = _opt(Precision["32-true"], "32-true | bf16-mixed | 16-mixed")
     deterministic: bool = _opt(False, "deterministic algorithms (a resumed run then equals an uninterrupted one)")
     sync_norm: bool = _opt(False, "synchronise batch statistics of every batch-dependent norm across devices")
     channels_last: bool = _opt(False, "channels-last memory format")
@@ -114,8 +160,9 @@ class TrainerConfig:
     log_every_n_steps: int = _opt(10, "how often step metrics (lr) are logged")
     gradient_clip_val: float | None = _opt(None, "clip gradients to this global norm (null: no clipping); "
                                                  "lambda under gradient_clip_algorithm=agc")
-    gradient_clip_algorithm: str = _opt("norm", "norm | value (Lightning's) | agc (adaptive, unit-wise, Brock et al. "
-                                                "2021; never the classifier)")
+    gradient_clip_algorithm: ClipAlgorithm = _opt(ClipAlgorithm.norm, "norm | value (Lightning's) | agc (adaptive, "
+                                                                      "unit-wise, Brock et al. 2021; never the "
+                                                                      "classifier)")
 
 
 @dataclass
@@ -142,9 +189,10 @@ class ProbesConfig:
 
 @dataclass
 class EvalConfig:
-    norm_stats: list[str] = _opt(["running"], "statistics the final weights are evaluated with: running (the EMA; "
-                                              "val_acc), precise (population statistics, normlayers.precise_stats), "
-                                              "batch (each batch's own); each logs val_acc/<kind>, val_loss/<kind>")
+    norm_stats: list[NormStats] = _opt([NormStats.running], "statistics the final weights are evaluated with: "
+                                                            "running (the EMA; val_acc), precise (population "
+                                                            "statistics, normlayers.precise_stats), batch (each "
+                                                            "batch's own); each logs val_acc/<kind>, val_loss/<kind>")
     precise_batches: int = _opt(100, "training batches (at most one epoch) the precise statistics pool")
 
 

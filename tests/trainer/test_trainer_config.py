@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import trainer.config
 from trainer import ConfigError, load_config, run_key
 from trainer.cli import main
-from trainer.config import ExperimentConfig, flatten, help_text
+from trainer.config import ExperimentConfig, checked, flatten, help_text, resolved
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "configs" / "experiments"
@@ -124,3 +125,34 @@ def test_unreachable_tracking_server_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     line = _error(capsys, ["model.depth=8", "trainer.max_steps=1", "tracking.uri=http://127.0.0.1:9"])
     assert line.startswith("normlab train: tracking.uri: no MLflow server answers at http://127.0.0.1:9")
+
+
+def test_a_validated_config_is_not_checked_again_until_it_changes(monkeypatch):
+    cfg = load_config(None, ["model.depth=8"])
+    expected_key = run_key(cfg)
+    calls = []
+    real = trainer.config.check_config
+    monkeypatch.setattr(trainer.config, "check_config", lambda c: (calls.append(c), real(c))[1])
+    assert checked(cfg) is cfg and calls == []  # what train() does first
+    cfg.optim.lr = -1.0  # a config stays mutable: the mark holds only for the values that were checked
+    with pytest.raises(ConfigError, match="optim.lr: must be positive"):
+        checked(cfg)
+    assert len(calls) == 1
+    plain = checked({"model": {"depth": 8}})  # a mapping (a checkpoint's, a sweep's) is checked
+    assert len(calls) == 2 and run_key(plain) == expected_key
+    assert checked(plain) is plain and len(calls) == 2
+    copy = OmegaConf.merge(plain, {"model": {"depth": 9}})  # a merge is a new, unmarked config
+    with pytest.raises(ConfigError, match="model.depth"):
+        checked(copy)
+
+
+def test_enum_fields_keep_the_text_a_config_was_written_with(capsys):
+    cfg = load_config(None, ["trainer.precision=32", "model.arch=cifar_preact_resnet"])
+    assert cfg.model.arch == "cifar_preact_resnet" and f"{cfg.trainer.precision}" == "32"  # YAML's int 32, as text
+    plain = resolved(cfg)
+    assert type(plain["model"]["arch"]) is str and plain["trainer"]["precision"] == "32"
+    assert "arch: cifar_preact_resnet" in OmegaConf.to_yaml(cfg)
+    line = _error(capsys, ["eval.norm_stats=[running,fast]"])
+    assert "eval.norm_stats[1]: 'fast' is not one of running, precise, batch" in line
+    line = _error(capsys, ["trainer.precision=${oc.env:NORMLAB_NO_SUCH_VAR,half}"])
+    assert "trainer.precision: 'half' is not one of 32-true, 32" in line

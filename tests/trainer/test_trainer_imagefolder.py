@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cluster.cli import main as normlab
-from trainer.imagefolder import random_resized_box, train_transform, val_transform
+from trainer.data.imagefolder import random_resized_box, train_transform, val_transform
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)

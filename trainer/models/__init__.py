@@ -38,7 +38,7 @@ def depth_problem(arch: str, depth: int) -> str | None:
 def build_model(model_cfg: Any, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """The network ``model_cfg`` (the config's ``model`` section) describes."""
     if isinstance(model_cfg, DictConfig):
-        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)
     arch, depth = model_cfg["arch"], model_cfg["depth"]
     if arch not in DEFAULT_WIDTH:
         raise ValueError(f"unknown model.arch {arch!r}; choose from {', '.join(DEFAULT_WIDTH)}")

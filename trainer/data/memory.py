@@ -3,7 +3,7 @@
 ``digits`` (scikit-learn's bundled 8x8 digits, a fixed stratified train/val split), ``cifar10``
 and ``cifar100`` (the standard python-pickle batches at ``data.path``) and ``synthetic``
 (class-dependent Gaussian images, for tests and benchmarks); ``imagefolder`` (JPEG folders
-decoded in DataLoader workers) is in :mod:`trainer.imagefolder`. Whole sets live on the device;
+decoded in DataLoader workers) is in :mod:`trainer.data.imagefolder`. Whole sets live on the device;
 batches are gathered by index and augmented there (random crop by padding and shifting, random
 horizontal flip) on the whole batch at once, so no per-sample Python runs per step.
 
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from trainer.config import CIFAR_FILES, ConfigError, cifar_dir
-from trainer.imagefolder import ImageFolderDataModule
+from trainer.data.files import CIFAR_FILES, CifarFiles, DataFiles, cifar_dir
+from trainer.data.imagefolder import ImageFolderDataModule
+from trainer.errors import ConfigError
 
 
 def derive_seed(*parts: int) -> int:
@@ -217,7 +218,7 @@ def _split(data: Split, fraction: float) -> tuple[Split, Split]:
     return Split(data.images[tr], data.labels[tr]), Split(data.images[va], data.labels[va])
 
 
-class DigitsDataModule(InMemoryDataModule):
+class DigitsDataModule(DataFiles, InMemoryDataModule):
     """scikit-learn's 1797 8x8 digits (values 0-16), ten classes. No flips (digits are not mirror-symmetric)."""
 
     default_padding = 1
@@ -252,7 +253,7 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> Split:
     return Split(images, torch.as_tensor(list(labels), dtype=torch.int64))
 
 
-class CifarDataModule(InMemoryDataModule):
+class CifarDataModule(CifarFiles, InMemoryDataModule):
     """CIFAR-10/100 from the python version (Krizhevsky 2009): pickled dicts with ``data`` (N x 3072
     uint8, channel-major 32x32) and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100)."""
 
@@ -276,7 +277,7 @@ class CifarDataModule(InMemoryDataModule):
         return train, test, classes
 
 
-class SyntheticDataModule(InMemoryDataModule):
+class SyntheticDataModule(DataFiles, InMemoryDataModule):
     """Gaussian images around one random pattern per class: learnable, any size, no files."""
 
     default_padding = 0

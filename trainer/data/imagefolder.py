@@ -31,7 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.config import ConfigError
+from trainer.data.files import ImageFolderFiles
+from trainer.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,8 +134,8 @@ class FolderImages(Dataset):
         return x, label
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
-    """``data.name=imagefolder``; the same interface as the in-memory modules of :mod:`trainer.data`."""
+class ImageFolderDataModule(ImageFolderFiles, pl.LightningDataModule):
+    """``data.name=imagefolder``; the same interface as the in-memory modules of :mod:`trainer.data.memory`."""
 
     def __init__(self, cfg: DictConfig, seed: int):
         super().__init__()
