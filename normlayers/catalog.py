@@ -11,7 +11,7 @@ constructor's verdict and message on a grid of values), so the two cannot drift 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,31 @@ def _proxy(n: int, o: Mapping[str, Any]) -> None:
         raise ValueError(f"proxy: samples (Gaussian quantiles for the proxy) must be >= 2, got {o['samples']}")
     if base == "gn":
         groups_of("proxy", n, groups, None)
+
+
+# --- what else a config names: weight standardisation kinds, BNP's options (normlayers.weight_std, .bnp) ---
+
+WEIGHT_STD_KINDS = ("none", "ws", "scaled_ws")
+BNP_DEFAULT_MOMENTUM = 0.1
+BNP_DEFAULT_EPS = 0.1
+BNP_LAYER_TYPES = ("linear", "conv1d", "conv2d", "conv3d")  # the names bnp's ``skip`` accepts
+
+
+def bnp_options(momentum: float, eps: float, skip: Iterable[str]) -> tuple[str, ...]:
+    """One clear ``ValueError`` for a bad BNP option; returns ``skip`` as a tuple of layer-type names."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise ValueError(f"bnp: momentum must be a number in [0, 1], got {momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bnp: momentum must be in [0, 1] (1: the current batch alone), got {momentum}")
+    eps_momentum("bnp", eps)
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    unknown = [s for s in skip if s not in BNP_LAYER_TYPES]
+    if unknown:
+        raise ValueError(f"bnp: skip names layer types, {unknown[0]!r} is not one; choose from "
+                         f"{', '.join(BNP_LAYER_TYPES)}")
+    return skip
 
 
 # --- the variants ---------------------------------------------------------------------------------------

@@ -18,11 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import normlayers
-from normlayers.weight_std import KINDS as WEIGHT_STD_KINDS
-from trainer.checkpoints import check_checkpoint
-from trainer.models import DEFAULT_WIDTH, depth_problem
-from trainer.models.norms import PLACEMENTS, resolve_order
-from trainer.models.reactnet import BINARY_MODES
+from normlayers.catalog import WEIGHT_STD_KINDS, bnp_options
+from trainer.model_rules import BINARY_MODES, DEFAULT_WIDTH, PLACEMENTS, depth_problem, resolve_order
 from trainer.schema import (  # noqa: F401  (the schema's classes are part of this module's API)
     DataConfig,
     EvalConfig,
@@ -197,7 +194,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.precise_batches: must be >= 1, got {cfg.eval.precise_batches}")
     if o.precondition == "bnp":
         try:
-            normlayers.bnp.check_options(o.bnp_momentum, o.bnp_eps, list(o.bnp_skip))
+            bnp_options(o.bnp_momentum, o.bnp_eps, list(o.bnp_skip))
         except ValueError as e:
             msg = str(e).removeprefix("bnp: ")
             raise ConfigError(f"optim.bnp_{msg.split()[0]}: {msg}") from None
@@ -226,6 +223,8 @@ def check_binary_recipe(cfg: DictConfig) -> None:
         try:
             spec = m[key]
             if spec is not None:
+                from trainer.checkpoints import check_checkpoint  # reads a checkpoint: torch, only when one is named
+
                 check_checkpoint(spec, cfg, key)
         except OmegaConfBaseException as e:
             raise ConfigError(_one_line(e)) from None

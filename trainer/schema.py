@@ -86,9 +86,9 @@ class OptimConfig:
     base_batch_size: int = _opt(128, "global batch size the lr is given for under lr_scaling=linear")
     precondition: str = _opt("none", "none | bnp (Batch Normalization Preconditioning, Lange et al. 2022: every conv "
                                      "and linear layer's gradients conditioned as on normalised inputs)")
-    bnp_momentum: float = _opt(normlayers.bnp.DEFAULT_MOMENTUM, "bnp: weight of a step's batch in the running "
+    bnp_momentum: float = _opt(normlayers.catalog.BNP_DEFAULT_MOMENTUM, "bnp: weight of a step's batch in the running "
                                                                 "input statistics, in [0, 1]")
-    bnp_eps: float = _opt(normlayers.bnp.DEFAULT_EPS, "bnp: added to the input variance, > 0")
+    bnp_eps: float = _opt(normlayers.catalog.BNP_DEFAULT_EPS, "bnp: added to the input variance, > 0")
     bnp_skip: list[str] = _opt([], "bnp: layer types left plain (linear, conv1d, conv2d, conv3d)")
 
 

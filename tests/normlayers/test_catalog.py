@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import normlayers
-from normlayers.catalog import VARIANTS
+from normlayers.catalog import BNP_LAYER_TYPES, VARIANTS
 from normlayers.registry import _REGISTRY, _accepted_types, _options
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +100,12 @@ def test_rules_give_the_constructors_verdict_and_words(name):
         for options in _cases(name):
             expected = _constructor_verdict(cls, num_features, options)
             assert _catalog_verdict(name, num_features, options) == expected, (name, num_features, options)
+
+
+def test_bnp_options_name_bnp_layer_types():
+    from normlayers import bnp
+
+    assert tuple(bnp.LAYER_TYPES) == BNP_LAYER_TYPES
 
 
 def test_checking_a_spec_imports_no_torch():
