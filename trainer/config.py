@@ -115,6 +115,11 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "???" else []
 
 
+# Keys no rule of check_config reads (their type is the schema's to check): a sweep checks the rules once
+# per combination of its other values and only sets these on it (cluster.sweep).
+UNCHECKED_KEYS = ("seed",)
+
+
 def check_config(cfg: DictConfig) -> None:
     """The cross-key rules of a merged config; raises :class:`ConfigError` (one line) on the first broken one."""
     try:  # an interpolation of an unset variable or of itself fails here, not inside the run
@@ -283,7 +288,12 @@ def resolved(cfg: DictConfig) -> dict:
 
 def run_key(cfg: DictConfig) -> str:
     """12-hex stable hash of the resolved config without its ``tracking`` and ``output`` sections."""
-    body = {k: v for k, v in resolved(cfg).items() if k not in ("tracking", "output")}
+    return run_key_of(resolved(cfg))
+
+
+def run_key_of(plain: dict) -> str:
+    """:func:`run_key` of a config already resolved to plain containers."""
+    body = {k: v for k, v in plain.items() if k not in ("tracking", "output")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
