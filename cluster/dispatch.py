@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.lease import SUBMIT_LOCK, file_lock
 from cluster.run_names import sweep_run_names
-from cluster.sweep import Sweep, SweepRun, _as_override
+from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 from trainer.tracking import DONE_STATUSES
 
@@ -211,7 +211,8 @@ def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | 
     functions = [
         PackedRuns(
             sweep.base,
-            [PackedRun(run.key, run.label, run.overrides + [_as_override("tracking.run_name", names[run.key])])
+            # a name as a JSON string, which YAML reads back as that string: no YAML parse of 10,000 names to check it
+            [PackedRun(run.key, run.label, run.overrides + [f"tracking.run_name={json.dumps(names[run.key])}"])
              for run in pack],
             sweep.tracking_uri,
             sweep.experiment,

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer import tracking
-from trainer.run_index import KeyedRun, keyed_runs
+from trainer.run_index import KeyedRun, has_training_experiment, keyed_runs
 
 
 @dataclass
@@ -83,6 +83,8 @@ def done_keys(tracking_uri: str, experiment: str, keys: list[str] | None = None)
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> None:
     """Create the tracking database (SQLite) and the experiment once, before jobs start logging to it."""
+    if has_training_experiment(tracking_uri, experiment):
+        return  # made by an earlier submit: no need to load MLflow
     from mlflow.tracking import MlflowClient
 
     tracking.prepare_store(tracking_uri)

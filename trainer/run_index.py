@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from trainer.tracking import RUN_KEY_TAG, STATUS_TAG, sqlite_path
+from trainer.tracking import EXPERIMENT_KIND_TAG, RUN_KEY_TAG, STATUS_TAG, sqlite_path
 
 # SQLite's default limit on bound parameters is 999 in older builds: ask for keys in chunks below it
 _KEYS_PER_QUERY = 900
@@ -67,3 +67,22 @@ def keyed_runs(uri: str, experiment: str, keys: list[str] | None = None) -> tupl
     runs = [KeyedRun(run_id, str(experiment_id), key, status, mlflow_status)
             for run_id, experiment_id, key, status, mlflow_status in rows]
     return (str(own[0]) if own else None), runs
+
+
+def has_training_experiment(uri: str, experiment: str) -> bool:
+    """Whether a SQLite store at ``uri`` already holds ``experiment``, active and tagged as model training
+    (what :func:`trainer.tracking.ensure_experiment` makes): then a submit need not load MLflow to make it."""
+    path = sqlite_path(uri)
+    if path is None or not path.is_file():
+        return False
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+    try:
+        found = connection.execute(
+            "SELECT 1 FROM experiments e JOIN experiment_tags t ON t.experiment_id = e.experiment_id "
+            "WHERE e.name = ? AND e.lifecycle_stage = 'active' AND t.key = ?",
+            (experiment, EXPERIMENT_KIND_TAG)).fetchone()
+    except sqlite3.OperationalError:
+        return False  # not (yet) a store: MLflow makes it
+    finally:
+        connection.close()
+    return found is not None

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from cluster.tracking import tracked_by_client, tracked_runs
+from cluster.tracking import ensure_experiment, tracked_by_client, tracked_runs
 from trainer import tracking
-from trainer.run_index import keyed_runs
+from trainer.run_index import has_training_experiment, keyed_runs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +63,15 @@ def test_direct_reading_imports_no_mlflow(tmp_path):
             f"print(sorted(done_keys({uri!r}, 'own'))); print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["['aaaaaaaaaaaa', 'cccccccccccc', 'dddddddddddd']", "False"]
+
+
+def test_an_experiment_made_once_is_found_without_mlflow(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert not has_training_experiment(uri, "sweep")
+    ensure_experiment(uri, "sweep")
+    assert has_training_experiment(uri, "sweep") and not has_training_experiment(uri, "other")
+    MlflowClient(uri).delete_experiment(MlflowClient(uri).get_experiment_by_name("sweep").experiment_id)
+    assert not has_training_experiment(uri, "sweep")
 
 
 def test_not_a_store_is_left_to_mlflow(tmp_path):
