@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.lease import SUBMIT_LOCK, file_lock
+from cluster.lease import SUBMIT_LOCK, file_lock, lease_holder
 from cluster.run_names import sweep_run_names
 from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
@@ -162,6 +162,10 @@ def run_states(sweep: Sweep) -> list[RunState]:
             started = mlflow_run is not None and mlflow_run.mlflow_status == "RUNNING"
             # A running job trains its runs in turn: the others wait inside it.
             category = "running" if state in RUNNING_STATES and started else "queued"
+        elif sweep.output_root is not None and lease_holder(sweep.output_root / run.key):
+            # its job skipped it: a job of another sweep sharing this point holds it and trains it
+            started = mlflow_run is not None and mlflow_run.mlflow_status == "RUNNING"
+            category = "running" if started else "queued"
         else:
             category = "cancelled" if job.cancelled else "failed"
         states.append(RunState(run, category, job, mlflow_run))

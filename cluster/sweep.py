@@ -151,6 +151,7 @@ class Sweep:
     runs: list[SweepRun]
     executor: ExecutorSettings
     folder: Path  # submitit logs, the submission record (jobs.json) and the validated plan (plan.json)
+    output_root: Path | None = None  # run directories: <output_root>/<run_key> (and its lease, cluster.lease)
 
 
 def _format_value(value: Any) -> str:
@@ -277,7 +278,7 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         _write_plan(folder, fingerprint, runs)
     for run in runs:
         _check_devices(run, executor, where)
-    return Sweep(path, name, experiment, uri, base, runs, executor, folder)
+    return Sweep(path, name, experiment, uri, base, runs, executor, folder, output_root)
 
 
 def _validated_runs(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.dispatch import read_record, submit
+from cluster.dispatch import read_record, run_states, submit
 from cluster.lease import LEASE_FILE, STALE_S, RunLease
 from cluster.sweep import load_sweep
 from cluster.tracking import done_keys
@@ -152,3 +152,23 @@ def test_two_sweeps_sharing_a_point_on_slurm_train_it_once(slurm_cluster, write_
     waiter(lambda: not subprocess.run(["squeue", "--noheader"], capture_output=True, text=True).stdout.strip(), 120,
            "the jobs to leave the queue")
     _shared_point_trained_once(*sweeps)
+
+
+def test_a_run_another_sweeps_job_holds_is_queued_not_failed(write_sweep, capsys):
+    sweep = load_sweep(write_sweep("held-elsewhere", {"model.norm": ["bn"]}, {"kind": "debug"}))
+    (run,) = sweep.runs
+    run_dir = sweep.output_root / run.key
+    run_dir.mkdir(parents=True)
+    # a job of another sweep sharing the point: a live process holding the run's lease
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cluster.lease import RunLease; "
+                               "print(RunLease(sys.argv[1], '77').acquire(), flush=True); time.sleep(600)",
+                               str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "None"  # it took the lease
+        assert submit(sweep, echo=lambda _: None).failed_jobs == 0
+        assert f"{run.key}: held by job 77 (pid {holder.pid}" in capsys.readouterr().out  # the debug job's print
+        assert [s.category for s in run_states(sweep)] == ["queued"]  # its job skipped it: not failed
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [s.category for s in run_states(sweep)] == ["failed"]  # the holder died without training it
