@@ -31,3 +31,14 @@ def test_a_value_that_follows_the_seed_is_resolved_per_run(write_sweep):
     sweep = load_sweep(path)
     assert [(run.key, run.norm, run.batch_size) for run in sweep.runs] == _as_the_job_builds_it(sweep)
     assert sweep.runs[0].cfg.optim.warmup_steps == 0 and sweep.runs[1].cfg.optim.warmup_steps == 3
+
+
+def test_no_rule_reads_the_keys_the_plan_checks_once_per_group():
+    # the plan runs the rules once for all seeds of a combination: a rule reading the seed would be skipped
+    import inspect
+
+    from trainer import config
+
+    rules = inspect.getsource(config.check_config) + inspect.getsource(config.check_binary_recipe)
+    for key in config.UNCHECKED_KEYS:
+        assert f".{key}" not in rules and f"[{key!r}]" not in rules and f'"{key}"' not in rules, key
