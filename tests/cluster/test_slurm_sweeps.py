@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -212,6 +213,6 @@ def test_a_job_no_node_can_hold_shows_slurms_reason(slurm_cluster, write_sweep, 
                             text=True, check=True).stdout.strip()
     assert reason not in ("", "None"), reason
     assert f"  job {job.job_id}: {reason}" in out, out  # ... and why, in Slurm's words (PartitionConfig)
-    assert f"PENDING, reason {reason}" in out and "\n1    -      1     PENDING" in out, out  # no node yet
+    assert re.search(rf"^{job.job_id}\s+-\s+1\s+PENDING, reason {reason}$", out, re.MULTILINE), out  # no node yet
     assert sweep_cli.main(["cancel", str(path)]) == 0
     assert not _squeue().strip()
