@@ -18,17 +18,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import submitit
-from submitit.core.utils import FailedJobError, JobPaths
-
-from cluster.jobs import PackedRun, PackedRuns
-from cluster.lease import SUBMIT_LOCK, file_lock
+from cluster.lease import SUBMIT_LOCK, file_lock, lease_holder
 from cluster.run_names import sweep_run_names
-from cluster.sweep import Sweep, SweepRun, _as_override
+from cluster.sweep import Sweep, SweepRun
 from cluster.tracking import TrackedRun, ensure_experiment, tracked_runs
 from trainer.tracking import DONE_STATUSES
+
+if TYPE_CHECKING:  # submitit loads in submit alone: plan, status and cancel do without it
+    import submitit
+
+    from cluster.jobs import PackedRuns
 
 RECORD = "jobs.json"
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
@@ -161,6 +162,10 @@ def run_states(sweep: Sweep) -> list[RunState]:
             started = mlflow_run is not None and mlflow_run.mlflow_status == "RUNNING"
             # A running job trains its runs in turn: the others wait inside it.
             category = "running" if state in RUNNING_STATES and started else "queued"
+        elif sweep.output_root is not None and lease_holder(sweep.output_root / run.key):
+            # its job skipped it: a job of another sweep sharing this point holds it and trains it
+            started = mlflow_run is not None and mlflow_run.mlflow_status == "RUNNING"
+            category = "running" if started else "queued"
         else:
             category = "cancelled" if job.cancelled else "failed"
         states.append(RunState(run, category, job, mlflow_run))
@@ -202,13 +207,16 @@ def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | 
         return submission
     # The jobs would otherwise race to create the tracking database and the experiment.
     ensure_experiment(sweep.tracking_uri, sweep.experiment)
+    from cluster.jobs import PackedRun, PackedRuns
+
     settings = sweep.executor
     names = sweep_run_names(sweep.runs)  # over the whole sweep, so names stay unique across submissions
     packs = [todo[i : i + settings.runs_per_job] for i in range(0, len(todo), settings.runs_per_job)]
     functions = [
         PackedRuns(
             sweep.base,
-            [PackedRun(run.key, run.label, run.overrides + [_as_override("tracking.run_name", names[run.key])])
+            # a name as a JSON string, which YAML reads back as that string: no YAML parse of 10,000 names to check it
+            [PackedRun(run.key, run.label, run.overrides + [f"tracking.run_name={json.dumps(names[run.key])}"])
              for run in pack],
             sweep.tracking_uri,
             sweep.experiment,
@@ -226,11 +234,15 @@ def _submit(sweep: Sweep, echo: Callable[[str], None], states: list[RunState] | 
 
 
 def _record(job: Any, kind: str, function: PackedRuns) -> JobRecord:
+    from submitit.core.utils import JobPaths
+
     paths = JobPaths(job.paths.folder, job_id=job.job_id, task_id=0)
     return JobRecord(str(job.job_id), kind, [run.key for run in function.runs], str(paths.stdout), str(paths.stderr))
 
 
 def slurm_executor(sweep: Sweep) -> submitit.SlurmExecutor:
+    import submitit
+
     settings = sweep.executor
     if not shutil.which("srun"):
         raise SubmitError(
@@ -260,6 +272,8 @@ def slurm_executor(sweep: Sweep) -> submitit.SlurmExecutor:
 
 
 def _submit_slurm(sweep: Sweep, functions: list[PackedRuns], submission: Submission) -> None:
+    from submitit.core.utils import FailedJobError
+
     executor = slurm_executor(sweep)
     chunk = max(1, max_array_size())  # indices 0..chunk-1 stay below MaxArraySize
     submitted: list[JobRecord] = []
@@ -290,6 +304,8 @@ def _sbatch_reason(stderr: str) -> str:
 
 def _run_local(sweep: Sweep, functions: list[PackedRuns], submission: Submission, echo: Callable[[str], None]) -> None:
     """Run the jobs on this machine, at most array_parallelism at once (LocalExecutor alone starts all)."""
+    import submitit
+
     settings = sweep.executor
     executor = submitit.LocalExecutor(folder=logs_folder(sweep), max_num_timeout=settings.max_requeues)
     executor.update_parameters(timeout_min=settings.timeout_min, setup=list(settings.setup))
@@ -331,6 +347,8 @@ def _job_error(job: Any) -> bool:
 
 def _run_debug(sweep: Sweep, functions: list[PackedRuns], submission: Submission, echo: Callable[[str], None]) -> None:
     """Run every job in this process, one after the other (for pdb and quick checks)."""
+    import submitit
+
     executor = submitit.DebugExecutor(folder=logs_folder(sweep))
     for n, function in enumerate(functions, 1):
         job = executor.submit(function)

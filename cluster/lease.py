@@ -40,6 +40,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lease_holder(run_dir: Path) -> str | None:
+    """Who holds the lease of ``run_dir`` now (one phrase), or None: for ``sweep status``, which takes nothing."""
+    holder = RunLease(run_dir, "")._holder()
+    return None if holder is None else f"job {holder.get('job')} (pid {holder.get('pid')} on {holder.get('host')})"
+
+
 class RunLease:
     """The lease of one run directory, held by this process for ``job``."""
 

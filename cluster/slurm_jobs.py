@@ -51,7 +51,7 @@ def slurm_jobs() -> dict[str, SlurmJob]:
         ids = [f"{array}_{task}" for task in _task_ids(tasks)] if array and tasks else [fields["JobId"]]
         nodes = fields.get("NodeList", "(null)")
         for job_id in ids:
-            jobs[job_id] = SlurmJob(job_id, fields.get("JobState", "?"), "-" if nodes == "(null)" else nodes,
+            jobs[job_id] = SlurmJob(job_id, fields.get("JobState", "?"), "-" if nodes in ("(null)", "") else nodes,
                                     int(fields.get("Restarts", "0") or 0), fields.get("Reason", ""))
     return jobs
 

@@ -21,6 +21,7 @@ submitted; the first invalid run raises ``SweepError`` naming the run's grid val
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -37,7 +38,7 @@ import normlayers
 import trainer.config
 import trainer.data.files
 from cluster.sweep_schema import TOP_LEVEL_KEYS, ExecutorSettings, SweepError, SweepFile, read_sweep_file
-from trainer.config import ConfigError, check_config, load_config, norm_spec_text, run_key
+from trainer.config import UNCHECKED_KEYS, ConfigError, check_config, load_config, norm_spec_text, run_key, run_key_of
 from trainer.tracking import resolve_uri
 
 
@@ -85,17 +86,23 @@ class Sweep:
     runs: list[SweepRun]
     executor: ExecutorSettings
     folder: Path  # submitit logs, the submission record (jobs.json) and the validated plan (plan.json)
+    output_root: Path | None = None  # run directories: <output_root>/<run_key> (and its lease, cluster.lease)
 
 
 def _format_value(value: Any) -> str:
     """A value as a dot-list override understands it (YAML flow); strings stay bare when unambiguous."""
     if isinstance(value, str):
-        try:
-            if yaml.safe_load(value) == value:
-                return value
-        except yaml.YAMLError:
-            pass
-        return json.dumps(value)
+        return _format_text(value)
+    return json.dumps(value)
+
+
+@functools.lru_cache(maxsize=4096)  # a sweep formats each grid value once per run
+def _format_text(value: str) -> str:
+    try:
+        if yaml.safe_load(value) == value:
+            return value
+    except yaml.YAMLError:
+        pass
     return json.dumps(value)
 
 
@@ -188,7 +195,7 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         _write_plan(folder, fingerprint, runs)
     for run in runs:
         _check_devices(run, executor, where)
-    return Sweep(path, name, experiment, uri, base, runs, executor, folder)
+    return Sweep(path, name, experiment, uri, base, runs, executor, folder, output_root)
 
 
 def _validated_runs(
@@ -202,12 +209,32 @@ def _validated_runs(
     each grid value also goes through ``load_config`` itself, so the two paths are known to agree.
     """
     template = load_config(base, common + pinned)
+    # Runs that differ only in keys no rule reads (UNCHECKED_KEYS: the seed) share one checked config, of
+    # which only those values change in the resolved copy; not where the config interpolates (a value could
+    # then follow the seed).
+    light = not _interpolates(OmegaConf.to_container(template, resolve=False))
+    cells: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], SweepRun]] = {}
+    typed: dict[tuple[str, int], Any] = {}  # (key, int) -> its value as the schema types it
     runs: list[SweepRun] = []
     seen: dict[str, SweepRun] = {}
     checked_values: set[tuple[str, str]] = set()
     for index, values in enumerate(combos):
         overrides = common + [_as_override(k, v) for k, v in values.items()] + pinned
         run = SweepRun(index, values, overrides, "", "", 0, base=base)
+        free = {key: value for key, value in values.items() if key in UNCHECKED_KEYS}
+        cell = tuple((key, _format_value(value)) for key, value in values.items() if key not in UNCHECKED_KEYS)
+        known = cells.get(cell) if light and all(type(value) is int for value in free.values()) else None
+        if known is not None:  # an int's text is its YAML value: no need to build it from the override either
+            plain, first = known
+            for key, value in free.items():
+                if (key, value) not in typed:
+                    OmegaConf.update(template, key, value, merge=False)  # the schema's type check
+                    typed[(key, value)] = OmegaConf.select(template, key)
+                plain = _replaced(plain, key, typed[(key, value)])
+            run.key = run_key_of(plain)
+            run.norm, run.batch_size, run.devices, run.nodes = first.norm, first.batch_size, first.devices, first.nodes
+            _add(run, seen, runs, where)
+            continue
         try:
             for key, value in values.items():
                 OmegaConf.update(template, key, value, merge=False)
@@ -220,6 +247,8 @@ def _validated_runs(
                 raise SweepError(f"{where}: {run.label}: {error}") from None
             raise
         fresh = {(key, _format_value(value)) for key, value in values.items()} - checked_values
+        checked_values |= {(key, text) for key, text in fresh if _same_as_text(key, values[key], text)}
+        fresh -= checked_values
         if fresh:
             # The job rebuilds its config from the override strings: each grid value's first run is built
             # that way here too, so the two paths are known to agree (the job also re-checks the key).
@@ -228,18 +257,52 @@ def _validated_runs(
             if slow_key != run_key(template):
                 raise SweepError(f"{where}: {run.label}: its overrides {overrides[len(common):-len(pinned)]} "
                                  "give another config as text than as YAML values; quote the value in the sweep file")
-        run.key = run_key(template)
+        plain = OmegaConf.to_container(template, resolve=True)
+        run.key = run_key_of(plain)
         run.norm = norm_spec_text(template.model.norm)
         run.batch_size = int(template.data.batch_size)
         run.devices, run.nodes = int(template.trainer.devices), int(template.trainer.num_nodes)
-        if run.key in seen:
-            raise SweepError(
-                f"{where}: {run.label} has the same config as {seen[run.key].label} (run key {run.key}); "
-                "remove the duplicate grid value"
-            )
-        seen[run.key] = run
-        runs.append(run)
+        if light:
+            cells[cell] = (plain, run)
+        _add(run, seen, runs, where)
     return runs
+
+
+def _same_as_text(key: str, value: Any, text: str) -> bool:
+    """Whether the override ``key=text`` gives back ``value`` itself (a scalar): then the job's config, built from
+    the text, is this one; a mapping or list is merged, not set, so it is built both ways instead."""
+    if not isinstance(value, str | int | float | bool | None):
+        return False
+    try:
+        parsed = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={text}"]), key)
+    except OmegaConfBaseException:
+        return False
+    return type(parsed) is type(value) and (parsed == value or parsed != parsed and value != value)
+
+
+def _add(run: SweepRun, seen: dict[str, SweepRun], runs: list[SweepRun], where: str) -> None:
+    if run.key in seen:
+        raise SweepError(
+            f"{where}: {run.label} has the same config as {seen[run.key].label} (run key {run.key}); "
+            "remove the duplicate grid value"
+        )
+    seen[run.key] = run
+    runs.append(run)
+
+
+def _interpolates(node: Any) -> bool:
+    """Whether an unresolved container holds a ``${...}`` anywhere."""
+    if isinstance(node, dict):
+        return any(_interpolates(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_interpolates(value) for value in node)
+    return isinstance(node, str) and "${" in node
+
+
+def _replaced(plain: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``plain`` with ``dotted`` set to ``value`` (only the dicts on its path are copied)."""
+    head, _, rest = dotted.partition(".")
+    return {**plain, head: _replaced(plain[head], rest, value) if rest else value}
 
 
 def _fingerprint(path: Path, base: str | None, overrides: list[str], resolved_common: str) -> str:

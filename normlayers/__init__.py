@@ -7,36 +7,46 @@ and checks one without building it; ``available()`` lists them.
 every conv and linear layer conditioned as BN would condition them (:mod:`normlayers.bnp`).
 """
 
-from normlayers import batchgroup as _batchgroup  # noqa: F401
-from normlayers import batchnorm as _batchnorm  # noqa: F401  (registers its variants)
-from normlayers import cbn as _cbn  # noqa: F401
-from normlayers import evonorm as _evonorm  # noqa: F401
-from normlayers import frn as _frn  # noqa: F401
-from normlayers import frozen as _frozen  # noqa: F401
-from normlayers import ghost as _ghost  # noqa: F401
-from normlayers import groupnorm as _groupnorm  # noqa: F401
-from normlayers import ic as _ic  # noqa: F401
-from normlayers import iebn as _iebn  # noqa: F401
-from normlayers import kalman as _kalman  # noqa: F401
-from normlayers import positional as _positional  # noqa: F401
-from normlayers import proxy as _proxy  # noqa: F401
-from normlayers import renorm as _renorm  # noqa: F401
-from normlayers import rms as _rms  # noqa: F401
-from normlayers import switchable as _switchable  # noqa: F401
-from normlayers import whitening as _whitening  # noqa: F401
-from normlayers.agc import adaptive_clip_grad_, unitwise_norm
-from normlayers.base import NormLayer
-from normlayers.binary import BinaryConv2d, RPReLU, RSign, approx_sign, binarize_weight
-from normlayers.bnp import BNPreconditioner
-from normlayers.frozen import freeze_norms, unfreeze_norms
-from normlayers.kalman import link_kalman_layers
-from normlayers.precise import precise_stats
-from normlayers.registry import NormInfo, available, build_norm, norm_class, parse_spec, register
-from normlayers.spec import NormSpec
-from normlayers.stats import batch_covariance, batch_moments
-from normlayers.sync import convert_sync, revert_sync
-from normlayers.virtual import set_virtual_devices
-from normlayers.weight_std import GAMMA_RELU, standardize_weights, trainable_weight
+import importlib
+
+# name -> the module defining it. Names load on first use (PEP 562): ``import normlayers`` and checking a
+# spec (NormSpec, normlayers.catalog) need no torch; a layer's module loads when its class is first asked for.
+_EXPORTS = {
+    "adaptive_clip_grad_": "agc", "unitwise_norm": "agc",
+    "NormLayer": "base",
+    "BinaryConv2d": "binary", "RPReLU": "binary", "RSign": "binary", "approx_sign": "binary",
+    "binarize_weight": "binary",
+    "BNPreconditioner": "bnp",
+    "freeze_norms": "frozen", "unfreeze_norms": "frozen",
+    "link_kalman_layers": "kalman",
+    "precise_stats": "precise",
+    "NormInfo": "registry", "available": "registry", "build_norm": "registry", "norm_class": "registry",
+    "parse_spec": "registry", "register": "registry",
+    "NormSpec": "spec",
+    "batch_covariance": "stats", "batch_moments": "stats",
+    "convert_sync": "sync", "revert_sync": "sync",
+    "set_virtual_devices": "virtual",
+    "GAMMA_RELU": "weight_std", "standardize_weights": "weight_std", "trainable_weight": "weight_std",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"normlayers.{_EXPORTS[name]}"), name)
+    else:
+        try:  # a submodule, e.g. normlayers.bnp
+            value = importlib.import_module(f"normlayers.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"normlayers.{name}":
+                raise
+            raise AttributeError(f"module 'normlayers' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "GAMMA_RELU",

@@ -88,11 +88,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from normlayers.base import check_eps_momentum
+from normlayers.catalog import BNP_DEFAULT_EPS as DEFAULT_EPS
+from normlayers.catalog import BNP_DEFAULT_MOMENTUM as DEFAULT_MOMENTUM
+from normlayers.catalog import bnp_options
 from normlayers.stats import _var_mean
 
-DEFAULT_MOMENTUM = 0.1
-DEFAULT_EPS = 0.1
 DESCRIPTION = ("Batch Normalization Preconditioning (Lange et al. 2022): no layer; every conv and linear layer's "
                "gradients conditioned as on inputs normalised by running statistics, at any batch size")
 
@@ -114,19 +114,7 @@ def _type_name(module: nn.Module) -> str | None:
 
 def check_options(momentum: float, eps: float, skip: Iterable[str]) -> tuple[str, ...]:
     """One clear ``ValueError`` for a bad option; returns ``skip`` as a tuple of layer-type names."""
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise ValueError(f"bnp: momentum must be a number in [0, 1], got {momentum!r}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"bnp: momentum must be in [0, 1] (1: the current batch alone), got {momentum}")
-    check_eps_momentum("bnp", eps)
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    unknown = [s for s in skip if s not in LAYER_TYPES]
-    if unknown:
-        raise ValueError(f"bnp: skip names layer types, {unknown[0]!r} is not one; choose from "
-                         f"{', '.join(LAYER_TYPES)}")
-    return skip
+    return bnp_options(momentum, eps, skip)  # the catalog's: a config checks them without torch
 
 
 class _Layer:

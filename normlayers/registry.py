@@ -7,16 +7,20 @@ module; every mistake raises one ``ValueError`` that says what is wrong and what
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from normlayers.catalog import VARIANTS
 
-from normlayers.base import NormLayer
+if TYPE_CHECKING:  # the classes load on first use (normlayers.catalog): checking a spec needs no torch
+    from torch import nn
+
+    from normlayers.base import NormLayer
 
 _REGISTRY: dict[str, type[NormLayer]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -42,6 +46,8 @@ def register(name: str, description: str) -> Callable[[type[NormLayer]], type[No
     """Class decorator: make ``cls`` buildable as ``name``."""
 
     def deco(cls: type[NormLayer]) -> type[NormLayer]:
+        from normlayers.base import NormLayer  # the class's module has imported torch already
+
         if name in _REGISTRY:
             raise ValueError(f"normalization {name!r} is registered twice")
         if not (isinstance(cls, type) and issubclass(cls, NormLayer)):
@@ -65,9 +71,16 @@ def _options(cls: type[NormLayer]) -> dict[str, inspect.Parameter]:
     }
 
 
+def registered_class(name: str) -> type[NormLayer]:
+    """The class of the variant ``name`` (a name of :data:`normlayers.catalog.VARIANTS`), its module imported."""
+    if name not in _REGISTRY:
+        importlib.import_module(VARIANTS[name].module)
+    return _REGISTRY[name]
+
+
 def info_of(name: str) -> NormInfo:
     """The registered variant ``name``: its description, options (with defaults) and placement needs."""
-    cls = _REGISTRY[name]
+    cls = registered_class(name)
     return NormInfo(
         name=name,
         description=_DESCRIPTIONS[name],
@@ -80,13 +93,13 @@ def info_of(name: str) -> NormInfo:
 
 def available() -> dict[str, NormInfo]:
     """Every registered variant by name, with its description and options (and their defaults)."""
-    return {name: info_of(name) for name in sorted(_REGISTRY)}
+    return {name: info_of(name) for name in sorted(VARIANTS)}
 
 
 def norm_class(spec: str | Mapping[str, Any]) -> type[NormLayer]:
     """The class a spec names (validates the name only)."""
     name, _ = parse_spec(spec)
-    return _REGISTRY[name]
+    return registered_class(name)
 
 
 def _parse_value(text: str) -> Any:
@@ -136,8 +149,8 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             f"got {type(spec).__name__}"
         )
     name = str(name).strip()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown normalization {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown normalization {name!r}; available: {', '.join(sorted(VARIANTS))}")
     return name, options
 
 
@@ -163,6 +176,11 @@ def _check_type(name: str, key: str, value: Any, annotation: Any) -> Any:
     accepted = _accepted_types(annotation)
     if accepted is None:
         return value
+    return check_types(name, key, value, accepted)
+
+
+def check_types(name: str, key: str, value: Any, accepted: tuple[type, ...]) -> Any:
+    """``value`` if it is one of ``accepted`` (an int is taken for a float, a bool never for a number)."""
     if isinstance(value, bool) and bool not in accepted:
         pass  # a bool is never a valid number here
     elif isinstance(value, accepted):

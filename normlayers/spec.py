@@ -2,25 +2,26 @@
 
 A spec is written as a name (``"bn"``), a name with options (``"gn:groups=8,eps=1e-5"``) or a
 mapping (``{"name": "gn", "groups": 8}``). :meth:`NormSpec.parse` turns any of these into a
-``NormSpec`` whose options are checked against the class's constructor signature (names and
-types) without building a layer; ``str(spec)`` is its canonical text (options in constructor
-order, values as they parse back), the one form configs store and MLflow shows. Rules that depend
-on the channel count (``groups`` dividing it, ``eps > 0`` ...) live in the constructors:
-:meth:`NormSpec.check` runs them on the meta device, once per spec and channel count.
+``NormSpec`` whose options are checked against the variant's entry in :mod:`normlayers.catalog`
+(names and types, in constructor order) without importing its class or torch; ``str(spec)`` is its
+canonical text (options in constructor order, values as they parse back), the one form configs
+store and MLflow shows. :meth:`NormSpec.check` runs the constructor's rules on the options and the
+channel count (``groups`` dividing it, ``eps > 0`` ...) from the catalog too, cached; only
+:meth:`NormSpec.build` (and ``cls``/``info``) loads the class.
 """
 
 from __future__ import annotations
 
 import functools
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from normlayers.catalog import VARIANTS
+from normlayers.registry import NormInfo, check_types, info_of, parse_spec, registered_class
 
-from normlayers.base import NormLayer
-from normlayers.registry import _REGISTRY, NormInfo, _check_type, _options, info_of, parse_spec
+if TYPE_CHECKING:
+    from normlayers.base import NormLayer
 
 
 def _text(value: Any) -> str:
@@ -30,11 +31,6 @@ def _text(value: Any) -> str:
     if value is None:
         return "none"
     return repr(value) if isinstance(value, float) else str(value)
-
-
-@functools.lru_cache(maxsize=64)
-def _hints(cls: type[NormLayer]) -> dict[str, Any]:
-    return typing.get_type_hints(cls.__init__)
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ class NormSpec:
 
     @property
     def cls(self) -> type[NormLayer]:
-        return _REGISTRY[self.name]
+        return registered_class(self.name)
 
     @property
     def info(self) -> NormInfo:
@@ -72,13 +68,13 @@ class NormSpec:
         return self.cls(num_features, **self.kwargs)
 
     def check(self, num_features: int) -> None:
-        """The constructor's own rules for ``num_features`` channels, on the meta device (no memory), cached."""
+        """The constructor's own rules for ``num_features`` channels (:mod:`normlayers.catalog`), cached."""
         try:
             hash(self)
-        except TypeError:  # an option of a type the signature does not check (a list ...): not cacheable
-            _check_built.__wrapped__(self, num_features)
+        except TypeError:  # an option of a type the catalog does not check (a list ...): not cacheable
+            _check_rules.__wrapped__(self, num_features)
             return
-        _check_built(self, num_features)
+        _check_rules(self, num_features)
 
     def __str__(self) -> str:
         opts = ",".join(f"{k}={_text(v)}" for k, v in self.options)
@@ -91,23 +87,19 @@ def _parse_text(text: str) -> NormSpec:
 
 
 @functools.lru_cache(maxsize=1024)
-def _check_built(spec: NormSpec, num_features: int) -> None:
-    try:
-        with torch.device("meta"):
-            spec.build(num_features)
-    except ValueError:
-        raise
-    except Exception:  # a constructor that computes with tensor values, which the meta device has not
-        spec.build(num_features)
+def _check_rules(spec: NormSpec, num_features: int) -> None:
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+        raise ValueError(f"norm {spec.name!r}: num_features must be a positive int, got {num_features!r}")
+    variant = VARIANTS[spec.name]
+    variant.rules(num_features, {**{option.name: option.default for option in variant.options}, **spec.kwargs})
 
 
 def _checked(name: str, options: dict[str, Any]) -> NormSpec:
-    cls = _REGISTRY[name]
-    accepted = _options(cls)
+    accepted = {option.name: option for option in VARIANTS[name].options}
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         valid = ", ".join(accepted) or "none"
         raise ValueError(f"norm {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    hints = _hints(cls)
-    ordered = tuple((key, _check_type(name, key, options[key], hints.get(key))) for key in accepted if key in options)
+    ordered = tuple((key, check_types(name, key, options[key], option.types))
+                    for key, option in accepted.items() if key in options)
     return NormSpec(name, ordered)

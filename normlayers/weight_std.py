@@ -33,10 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from normlayers.catalog import WEIGHT_STD_KINDS
+
 GAMMA_RELU = 1.7139588594436646  # sqrt(2 / (1 - 1/pi)): E[relu(z)^2] - E[relu(z)]^2 = 1/gamma^2, z ~ N(0, 1)
 WS_EPS = 1e-5
 SCALED_WS_EPS = 1e-4
-KINDS = ("none", "ws", "scaled_ws")
+KINDS = WEIGHT_STD_KINDS
 STANDARDIZED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 

@@ -35,6 +35,7 @@ def _parser(keys_help: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from trainer import tracking
     from trainer.config import ConfigError, help_text, load_config
 
     parser = _parser(help_text())
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(experiment, overrides)
+        # the server is asked before torch and Lightning load (seconds): one line at once when it is down
+        down = tracking.unreachable(tracking.resolve_uri(cfg.tracking.uri))
+        if down:
+            raise ConfigError(f"tracking.uri: {down}")
         from trainer.run import describe, train
 
         result = train(cfg)

@@ -20,11 +20,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 import normlayers
-from trainer.checkpoints import check_checkpoint
+from normlayers.catalog import bnp_options
 from trainer.data.files import DATA_FILES
 from trainer.errors import ConfigError
-from trainer.models import DEFAULT_WIDTH, depth_problem
-from trainer.models.norms import resolve_order
+from trainer.model_rules import DEFAULT_WIDTH, depth_problem, resolve_order
 from trainer.schema import (  # noqa: F401  (the schema's classes are part of this module's API)
     DataConfig,
     EvalConfig,
@@ -81,6 +80,11 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, list):
         return [k for i, value in enumerate(node) for k in _missing_keys(value, f"{prefix}{i}.")]
     return [prefix[:-1]] if node == "???" else []
+
+
+# Keys no rule of check_config reads (their type is the schema's to check): a sweep checks the rules once
+# per combination of its other values and only sets these on it (cluster.sweep).
+UNCHECKED_KEYS = ("seed",)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -145,7 +149,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.precise_batches: must be >= 1, got {cfg.eval.precise_batches}")
     if o.precondition == "bnp":
         try:
-            normlayers.bnp.check_options(o.bnp_momentum, o.bnp_eps, list(o.bnp_skip))
+            bnp_options(o.bnp_momentum, o.bnp_eps, list(o.bnp_skip))
         except ValueError as e:
             msg = str(e).removeprefix("bnp: ")
             raise ConfigError(f"optim.bnp_{msg.split()[0]}: {msg}") from None
@@ -174,6 +178,8 @@ def check_binary_recipe(cfg: DictConfig) -> None:
         try:
             spec = m[key]
             if spec is not None:
+                from trainer.checkpoints import check_checkpoint  # reads a checkpoint: torch, only when one is named
+
                 check_checkpoint(spec, cfg, key)
         except OmegaConfBaseException as e:
             raise ConfigError(_one_line(e)) from None
@@ -262,7 +268,12 @@ def resolved(cfg: DictConfig) -> dict:
 
 def run_key(cfg: DictConfig) -> str:
     """12-hex stable hash of the resolved config without its ``tracking`` and ``output`` sections."""
-    body = {k: v for k, v in resolved(cfg).items() if k not in ("tracking", "output")}
+    return run_key_of(resolved(cfg))
+
+
+def run_key_of(plain: dict) -> str:
+    """:func:`run_key` of a config already resolved to plain containers."""
+    body = {k: v for k, v in plain.items() if k not in ("tracking", "output")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

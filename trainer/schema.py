@@ -14,11 +14,9 @@ from enum import StrEnum
 from typing import Any
 
 import normlayers
-from normlayers.weight_std import KINDS as WEIGHT_STD_KINDS
+from normlayers.catalog import WEIGHT_STD_KINDS
 from trainer.data.files import DATASETS
-from trainer.models import DEFAULT_WIDTH
-from trainer.models.norms import PLACEMENTS
-from trainer.models.reactnet import BINARY_MODES
+from trainer.model_rules import BINARY_MODES, DEFAULT_WIDTH, PLACEMENTS
 from trainer.tracking import DEFAULT_TRACKING_URI
 
 
@@ -132,9 +130,9 @@ class OptimConfig:
     precondition: Precondition = _opt(Precondition.none, "none | bnp (Batch Normalization Preconditioning, Lange et "
                                                          "al. 2022: every conv and linear layer's gradients "
                                                          "conditioned as on normalised inputs)")
-    bnp_momentum: float = _opt(normlayers.bnp.DEFAULT_MOMENTUM, "bnp: weight of a step's batch in the running "
+    bnp_momentum: float = _opt(normlayers.catalog.BNP_DEFAULT_MOMENTUM, "bnp: weight of a step's batch in the running "
                                                                 "input statistics, in [0, 1]")
-    bnp_eps: float = _opt(normlayers.bnp.DEFAULT_EPS, "bnp: added to the input variance, > 0")
+    bnp_eps: float = _opt(normlayers.catalog.BNP_DEFAULT_EPS, "bnp: added to the input variance, > 0")
     bnp_skip: list[str] = _opt([], "bnp: layer types left plain (linear, conv1d, conv2d, conv3d)")
 
 

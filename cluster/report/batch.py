@@ -14,7 +14,7 @@ from pathlib import Path
 from cluster.report import stats
 from cluster.report.panel import Panel, Table, figure, fmt, lr_label
 from cluster.report.records import RunRecord
-from normlayers.registry import info_of
+from normlayers.catalog import VARIANTS
 
 FIGURE = "batch_regimes.png"
 TITLE = "Batch-size regimes"
@@ -60,10 +60,8 @@ def batch_independent(norm: str) -> bool:
     """Whether a norm label names a variant whose training output never mixes samples (gn, ln, frn, none...):
     its error does not depend on the per-device batch. Labels with a preconditioner (``+bnp``, ``bnp``) or
     unknown names count as batch-dependent."""
-    try:
-        return "+" not in norm and not info_of(norm.split(":", 1)[0]).batch_dependent
-    except KeyError:
-        return False
+    variant = VARIANTS.get(norm.split(":", 1)[0])
+    return "+" not in norm and variant is not None and not variant.batch_dependent
 
 
 def flat_norms(regimes: dict) -> dict[str, dict]:

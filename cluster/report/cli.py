@@ -73,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="write the files only; log no report run to MLflow")
     args = parser.parse_args(argv)
 
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     try:
         experiment_name, uri, sweep_keys = _resolve_target(args.target, args.tracking_uri)
         _check_local_store(uri)
         down = tracking.unreachable(uri)
         if down:
             raise ReportError(down)
+        from mlflow.exceptions import MlflowException  # after the probe: seconds to import
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri=uri)
         try:
             experiment = client.get_experiment_by_name(experiment_name)

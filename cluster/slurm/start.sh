@@ -22,7 +22,8 @@ usage() {
 }
 [ $# -ge 1 ] || usage
 DIR=$1; shift
-CPUS=$(nproc); MAX_ARRAY_SIZE=1001; PARTITION=debug; CTLD_PORT=6817; D_PORTS=6818; NODES=1; SLURMD_TIMEOUT=300
+# the node has the machine's CPUs: nproc alone would honour OMP_NUM_THREADS (1 under the tests' advice)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc); MAX_ARRAY_SIZE=1001; PARTITION=debug; CTLD_PORT=6817; D_PORTS=6818; NODES=1; SLURMD_TIMEOUT=300
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case $1 in

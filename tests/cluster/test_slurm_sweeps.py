@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -193,3 +195,24 @@ def test_status_and_cancel_of_queued_jobs(slurm_cluster, write_sweep, capsys):
     total = next(line for line in out.splitlines() if line.startswith("total"))
     assert total.split() == ["total", "0", "0", "0", "0", "0", "2", "0"]  # cancelled (not failed); submit sends them
     assert "failed runs" not in out
+
+
+def test_a_job_no_node_can_hold_shows_slurms_reason(slurm_cluster, write_sweep, capsys):
+    # More CPUs per task than the node has: Slurm accepts the job and keeps it pending with its own reason.
+    cpus = os.cpu_count() * 16
+    path = write_sweep("toowide", {"model.norm": ["bn"]}, {"kind": "slurm", "cpus_per_task": cpus})
+    assert sweep_cli.main(["submit", str(path)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    sweep = load_sweep(path)
+    (job,) = read_record(sweep)
+    assert sweep_cli.main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "0", "0", "0", "1", "0", "0", "0"], out  # queued ...
+    reason = subprocess.run(["squeue", "--noheader", "-j", job.slurm_id, "-o", "%r"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert reason not in ("", "None"), reason
+    assert f"  job {job.job_id}: {reason}" in out, out  # ... and why, in Slurm's words (PartitionConfig)
+    assert re.search(rf"^{job.job_id}\s+-\s+1\s+PENDING, reason {reason}$", out, re.MULTILINE), out  # no node yet
+    assert sweep_cli.main(["cancel", str(path)]) == 0
+    assert not _squeue().strip()

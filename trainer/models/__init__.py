@@ -17,22 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import normlayers
+from trainer.model_rules import DEFAULT_WIDTH, depth_problem  # noqa: F401  (the config's rules, without torch)
 from trainer.models.cifar_resnet import CifarResNet
 from trainer.models.norms import NormSites
 from trainer.models.plain import MLP, PlainCNN
 from trainer.models.reactnet import ReActNet
 from trainer.models.resnet import ResNet
 
-DEFAULT_WIDTH = {"cifar_resnet": 16, "cifar_preact_resnet": 16, "resnet": 64, "plain_cnn": 32, "mlp": 256,
-                 "reactnet": 64}
-# arch -> the class that builds it and owns its depth rule (``depth_problem``)
+# arch -> the class that builds it (its depth rule is trainer.model_rules')
 ARCHS: dict[str, type[nn.Module]] = {"cifar_resnet": CifarResNet, "cifar_preact_resnet": CifarResNet,
                                      "resnet": ResNet, "plain_cnn": PlainCNN, "mlp": MLP, "reactnet": ReActNet}
-
-
-def depth_problem(arch: str, depth: int) -> str | None:
-    """Why ``depth`` does not fit ``arch``, or None: the model's own rule."""
-    return ARCHS[arch].depth_problem(depth)
 
 
 def build_model(model_cfg: Any, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.model_rules import cifar_resnet_depth_problem
 from trainer.models.norms import NormSites, activation_after, init_weights, site
 
 
@@ -86,9 +87,7 @@ class CifarResNet(nn.Module):
     @staticmethod
     def depth_problem(depth: int) -> str | None:
         """Why ``depth`` is not a depth of this net, or None (the config's check and the constructor's)."""
-        if depth < 8 or (depth - 2) % 6:
-            return f"needs depth 6n+2 (8, 14, 20, 32, 44, 56, 110 ...), got {depth}"
-        return None
+        return cifar_resnet_depth_problem(depth)
 
     def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites,
                  preact: bool = False):

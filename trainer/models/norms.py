@@ -28,24 +28,9 @@ from typing import Any
 from torch import Tensor, nn
 
 import normlayers
+from trainer.model_rules import ORDERS, PLACEMENTS, resolve_order  # noqa: F401  (the rules live there)
 
-PLACEMENTS = ("all", "final", "none")
-ORDERS = ("auto", "norm_act", "act_norm")
 IDENTITY = normlayers.NormSpec("none")
-
-
-def resolve_order(spec: Any, order: str = "auto") -> str:
-    """``norm_act`` or ``act_norm`` for ``spec`` under ``model.norm_order``; ValueError (one line) if it cannot be."""
-    if order not in ORDERS:
-        raise ValueError(f"must be one of {', '.join(ORDERS)}, got {order!r}")
-    cls = normlayers.NormSpec.parse(spec).cls
-    if order == "auto":
-        return "act_norm" if cls.before_weight_layer else "norm_act"
-    if order == "act_norm" and (cls.includes_activation or cls.needs_preceding_weight):
-        why = "includes its activation" if cls.includes_activation else "models the weight layer right before it"
-        raise ValueError(f"act_norm puts the norm after the ReLU, but {cls.norm_name} {why}; "
-                         f"use norm_act or auto")
-    return order
 
 
 class NormSites:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from trainer.model_rules import at_least_one_layer
 from trainer.models.norms import NormSites, activation_after, init_weights
 
 
@@ -20,11 +21,6 @@ def _layer(weight: nn.Module, features: int, norms: NormSites) -> list[nn.Module
     norm = norms.inner(features, weight)
     act = activation_after(norm)
     return [weight, act, norm] if norms.act_first else [weight, norm, act]
-
-
-def at_least_one_layer(depth: int) -> str | None:
-    """The depth rule of both plain nets: at least one layer."""
-    return None if depth >= 1 else f"needs at least 1 layer, got {depth}"
 
 
 class PlainCNN(nn.Module):

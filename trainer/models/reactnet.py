@@ -31,9 +31,9 @@ import math
 from torch import Tensor, nn
 
 from normlayers import BinaryConv2d, RPReLU, RSign
+from trainer.model_rules import BINARY_MODES, any_depth
 from trainer.models.norms import NormSites
 
-BINARY_MODES = ("none", "activations", "weights_and_activations")
 STAGE_BLOCKS = (4, 4, 4, 4)
 NF_ALPHA = 0.2
 
@@ -80,7 +80,7 @@ class ReActNet(nn.Module):
 
     @staticmethod
     def depth_problem(depth: int) -> str | None:
-        return None  # always ReActNet-18's topology: model.depth is not used
+        return any_depth(depth)
 
     def __init__(self, num_classes: int, in_channels: int, width: int, norms: NormSites, binary: str = "none",
                  normalizer_free: bool = False):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from trainer.model_rules import RESNET_LAYOUT, resnet_depth_problem
 from trainer.models.norms import NormSites, activation_after, init_weights, site
 
-LAYOUT = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-          101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+LAYOUT = RESNET_LAYOUT
 
 
 class Projection(nn.Module):
@@ -85,7 +85,7 @@ class ResNet(nn.Module):
     @staticmethod
     def depth_problem(depth: int) -> str | None:
         """Why ``depth`` is not one of the published depths (``LAYOUT``), or None."""
-        return None if depth in LAYOUT else f"needs one of {', '.join(map(str, LAYOUT))}, got {depth}"
+        return resnet_depth_problem(depth)
 
     def __init__(self, depth: int, num_classes: int, in_channels: int, width: int, norms: NormSites):
         super().__init__()
