@@ -3,7 +3,8 @@ stored (the schema's Enum fields, the data modules' file rules, the sweep file's
 every run key as it was, or a re-submitted sweep would train its finished runs again.
 
 The expected keys were computed on the code before the Enum fields (as a digest of each file's list of
-keys; demo.yaml and batch_regimes_digits.yaml, rewritten for the virtual-device protocol, on that code too). A sweep file edited since (its own digest differs) is skipped: its keys are a new sweep's.
+keys; demo.yaml and batch_regimes_digits.yaml, rewritten for the virtual-device protocol, on that code
+too). A sweep file edited since (its own digest differs) is skipped: its keys are a new sweep's.
 """
 
 from __future__ import annotations
