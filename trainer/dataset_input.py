@@ -51,7 +51,7 @@ def dataset_source(data_cfg: Any):
 
         path = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
     else:
-        from trainer.config import cifar_dir
+        from trainer.data.files import cifar_dir
 
         path = cifar_dir(data_cfg.name, data_cfg.path) if data_cfg.name.startswith("cifar") else Path(data_cfg.path)
     return resolve_dataset_source(str(Path(path).expanduser().resolve()))
