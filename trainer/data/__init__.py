@@ -8,7 +8,7 @@ first use (PEP 562), so importing the file rules does not import Lightning.
 
 from __future__ import annotations
 
-import importlib
+from trainer.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "build_datamodule": "trainer.data.memory",
@@ -28,13 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
