@@ -8,6 +8,10 @@ One :class:`mlflow.data.meta_dataset.MetaDataset` per run, logged with the conte
   sets (after the validation split), the sample paths and labels of an image folder;
 - source: where the data comes from: the CIFAR batch directory or image folder (``data.path``),
   scikit-learn's bundled digits file, or for synthetic images the code that draws them.
+
+MLflow's store looks the dataset up and then inserts it, so runs of one sweep that start together in a
+fresh experiment race for the insert and all but one hit its unique constraint; the losers try again,
+and then find the dataset the winner wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import Any
 
 DIGEST_LENGTH = 10
 CONTEXT = "train"
+ATTEMPTS = 5
+# how the stores word a lost insert race: SQLite, PostgreSQL ("violates unique constraint"), MySQL
+_DUPLICATE_INSERT = ("unique constraint", "duplicate entry")
 
 
 def data_digest(datamodule: Any) -> str:
@@ -63,6 +70,14 @@ def log_dataset_input(client: Any, run_id: str, data_cfg: Any, datamodule: Any) 
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    from mlflow.exceptions import MlflowException
+
     dataset = MetaDataset(dataset_source(data_cfg), name=data_cfg.name, digest=data_digest(datamodule))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXT)])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXT)])]
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            if attempt == ATTEMPTS or not any(words in str(e).lower() for words in _DUPLICATE_INSERT):
+                raise
