@@ -69,16 +69,11 @@ def flat_norms(regimes: dict) -> dict[str, dict]:
     return {norm: points[0] for norm, points in regimes.items() if len(points) == 1 and batch_independent(norm)}
 
 
-def findings(regimes: dict, records) -> list[str]:
+def comparisons(regimes: dict, records) -> list[stats.Comparison]:
     """Every pair of norms at every shared batch size, paired on shared seeds, resolved ones first; a
     batch-independent norm run at one batch is compared at each batch size of the other norm."""
-    if not regimes:
-        return []
-    if max(p["seeds"] for points in regimes.values() for p in points) < 2:
-        return ["One seed per setting: no confidence interval can be given, so no difference between norms "
-                "is stated as a finding; run at least 2 seeds (5 to resolve small gaps)."]
     flat = flat_norms(regimes)
-    comparisons = []
+    found = []
     for norm_a, norm_b in combinations(sorted(regimes), 2):
         at_a = {p["batch_size"]: p for p in regimes[norm_a]}
         at_b = {p["batch_size"]: p for p in regimes[norm_b]}
@@ -91,9 +86,31 @@ def findings(regimes: dict, records) -> list[str]:
             c = stats.compare(norm_a, point_errors(records, norm_a, pa["batch_size"], pa["lr"]),
                               norm_b, point_errors(records, norm_b, pb["batch_size"], pb["lr"]), batch_size)
             if c is not None:
-                comparisons.append(c)
-    comparisons.sort(key=lambda c: (not c.resolved, c.batch_size, c.worse, c.better))
-    return [c.sentence() for c in comparisons]
+                found.append(c)
+    found.sort(key=lambda c: (not c.resolved, c.batch_size, c.worse, c.better))
+    return found
+
+
+UNRESOLVED_TITLE = "Differences between norms not resolved at their number of seeds"
+
+
+def findings(regimes: dict, records) -> tuple[list[str], list[stats.Comparison]]:
+    """The Findings sentences of the resolved norm comparisons, and the unresolved comparisons, which the
+    panel counts in one sentence and tabulates instead of stating each."""
+    if not regimes:
+        return [], []
+    if max(p["seeds"] for points in regimes.values() for p in points) < 2:
+        return ["One seed per setting: no confidence interval can be given, so no difference between norms "
+                "is stated as a finding; run at least 2 seeds (5 to resolve small gaps)."], []
+    found = comparisons(regimes, records)
+    return [c.sentence() for c in found if c.resolved], [c for c in found if not c.resolved]
+
+
+def unresolved_table(unresolved: list[stats.Comparison]) -> Table:
+    return Table(UNRESOLVED_TITLE, ["batch", "higher error", "lower error", "difference", f"{stats.INTERVAL_NAME} ±",
+                                    "seeds"],
+                 [[str(c.batch_size), c.worse, c.better, fmt(c.difference),
+                   "–" if c.half_width is None else fmt(c.half_width), str(c.seeds)] for c in unresolved])
 
 
 @dataclass(frozen=True)
@@ -196,7 +213,7 @@ def panel(records: list[RunRecord], out: Path) -> Panel:
     result.tables.append(Table("Validation error by per-device batch size",
                                ["norm", "batch", "lr", "seeds", "val error mean", "val error std",
                                 f"{stats.INTERVAL_NAME} ±"], rows))
-    result.findings = findings(regimes, records)
+    result.findings, unresolved = findings(regimes, records)
     if max(p["seeds"] for points in regimes.values() for p in points) >= 2:
         found, boundary_notes = boundaries(regimes, records)
         result.notes += boundary_notes
@@ -208,4 +225,8 @@ def panel(records: list[RunRecord], out: Path) -> Panel:
                 [[b.norm, str(b.best), str(b.batch_size), "–" if b.below is None else str(b.below.batch_size),
                   "–" if b.below is None else f"{fmt(b.below.difference)} ± {fmt(b.below.half_width)}", str(b.seeds)]
                  for b in found]))
+    if unresolved:
+        result.findings.append(f"{len(unresolved)} other difference(s) between norms are not resolved at their "
+                               f"number of seeds (table '{UNRESOLVED_TITLE}').")
+        result.tables.append(unresolved_table(unresolved))
     return result

@@ -1,6 +1,7 @@
 """Confidence intervals and findings of the report, on runs logged with known errors to a real MLflow
 store: each batch-regime point carries the 95% t interval the test works out from its values, a
-resolved and an unresolved paired comparison each give their sentence, one seed says no interval."""
+resolved and an unresolved paired comparison each give their sentence; the report states the resolved one
+and counts and tabulates the unresolved one; one seed says no interval."""
 
 from __future__ import annotations
 
@@ -102,8 +103,12 @@ def test_the_report_opens_with_findings_and_intervals(store, tmp_path):
     assert headings[0] == "## Findings"
     findings = markdown.split("## Findings", 1)[1].split("\n## ", 1)[0]
     assert "- bn is worse than gn at per-device batch 2 by 4.0 ± 1.2 points (95% t interval, 5 seeds)." in findings
-    assert "- bn vs gn at per-device batch 8: the difference 0.7 ±" in findings
-    assert "is not resolved at 3 seeds." in findings
+    assert "- 1 other difference(s) between norms are not resolved at their number of seeds" in findings
+    assert "bn vs gn at per-device batch 8" not in findings
+    unresolved = markdown.split("**Differences between norms not resolved at their number of seeds**", 1)[1]
+    rows = [line for line in unresolved.split("\n\n", 2)[1].splitlines()[2:]]
+    diffs = [a - b for a, b in zip(ERRORS[("bn", 8)], ERRORS[("gn", 8)], strict=True)]
+    assert rows == [f"| 8 | bn | gn | {sum(diffs) / 3:.4f} | {expected_half_width(diffs):.4f} | 3 |"]
     header = next(line for line in markdown.splitlines() if line.startswith("| norm | batch | lr | seeds"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     column = columns.index("95% t interval ±")
