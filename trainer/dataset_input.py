@@ -68,9 +68,8 @@ def log_dataset_input(client: Any, run_id: str, data_cfg: Any, datamodule: Any) 
     """Log the run's dataset input (name, digest, source) with the context ``train``."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     dataset = MetaDataset(dataset_source(data_cfg), name=data_cfg.name, digest=data_digest(datamodule))
     inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXT)])]
