@@ -4,7 +4,7 @@ Runs ``configs/sweeps/demo.yaml`` in the current directory (digits, CPU, local e
 ``./mlflow.db``, run directories in ``./runs``): BN's small-batch regime under the GN paper's
 protocol, a fixed global batch of 64 with the per-device (statistics) batch 32 -> 2 set by virtual
 devices, an MLP on the 64 pixels (so each bn statistic is over the per-device batch alone), one
-budget of 1,000 steps for every run, bn, bgn, brn at every per-device batch and the
+budget of 500 steps for every run, bn, bgn, brn at every per-device batch and the
 batch-independent gn, frn and none once, 3 seeds, each run also evaluated with precise and batch
 statistics.
 Runs already finished are skipped, so running it again only writes the report again.

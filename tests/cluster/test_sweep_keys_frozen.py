@@ -33,7 +33,7 @@ FROZEN = {
     "bnn_bn_free_teacher.yaml": (2, "857207d4476a4a06", "24fa375f1550ca72"),
     "bnp_batch_regimes.yaml": (96, "de8d7b0970b8c04d", "72b407fd9560a754"),
     "bnp_digits.yaml": (20, "a3eec705830a7229", "f9ea6177777eab28"),
-    "demo.yaml": (54, "5791d83d7b174da6", "a41435055eb290cc"),
+    "demo.yaml": (54, "51336f38998fc5f9", "2eeef9675d7d4887"),
     "final_placement.yaml": (30, "9ddd333dbce95e05", "1e909fa9bc94abec"),
     "final_placement_digits.yaml": (30, "7020b8cc2fc1edf9", "36dd7b09aebfddce"),
     "lr_stability.yaml": (108, "92511dcf06d853d2", "89a5d892d42d331e"),

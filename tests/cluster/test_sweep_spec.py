@@ -89,7 +89,7 @@ def test_shipped_sweep_files_load(tmp_path):
     assert {r.norm.partition(":")[0] for r in demo.runs} == {"bn", "bgn", "brn", "gn", "frn", "none"}
     # the GN paper's protocol: one global batch, the statistics batch set by the virtual devices, one step budget
     configs = [r.cfg for r in demo.runs]
-    assert {c.data.batch_size for c in configs} == {64} and {c.trainer.max_steps for c in configs} == {1000}
+    assert {c.data.batch_size for c in configs} == {64} and {c.trainer.max_steps for c in configs} == {500}
     for norm in ("bn", "bgn", "brn"):
         per_device = {64 // r.cfg.trainer.virtual_devices for r in demo.runs if r.norm.startswith(norm)}
         assert per_device == {2, 4, 8, 16, 32}, norm
