@@ -5,6 +5,9 @@ A point of the batch-regime panel is the mean validation error over seeds; with 
 compared on the seeds both ran (paired: the seed fixes data order and initialisation), so the
 interval is the t interval of the per-seed differences. A difference is *resolved* when that
 interval excludes zero; otherwise the report says it is not resolved at that number of seeds.
+An interval of zero width is not evidence: it means every seed's difference was the same, which on a
+validation set of a few hundred images is what a one-image difference per seed looks like (the
+error's resolution, not a spread of zero), so such a difference is not resolved either.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 
 CONFIDENCE = 0.95
 INTERVAL_NAME = "95% t interval"
+# below this half-width (errors are fractions in [0, 1]) an interval counts as zero-width: identical
+# per-seed differences leave float rounding of about 1e-18, not a spread
+ZERO_WIDTH = 1e-9
 
 # Two-sided 95% quantiles t(0.975, df) of Student's t distribution (standard tables).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -52,7 +58,8 @@ class Comparison:
 
     @property
     def resolved(self) -> bool:
-        return self.half_width is not None and self.difference - self.half_width > 0
+        # a zero-width interval (identical per-seed differences) estimates no spread: see the module docstring
+        return self.half_width is not None and self.half_width > ZERO_WIDTH and self.difference > self.half_width
 
     def sentence(self) -> str:
         points = 100 * self.difference

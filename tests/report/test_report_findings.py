@@ -97,6 +97,17 @@ def test_only_shared_seeds_are_paired():
     assert compare("bn", {0: 0.5}, "gn", {1: 0.4}, 2) is None
 
 
+def test_identical_differences_on_every_seed_are_not_resolved():
+    # one validation image of 360 on each of 3 seeds: the differences are equal, the t interval has no width
+    image = 1 / 360
+    c = compare("bgn", {0: 3 * image, 1: 4 * image, 2: 2 * image}, "bn", {0: 2 * image, 1: 3 * image, 2: image}, 16)
+    assert c.half_width == pytest.approx(0.0, abs=1e-15) and c.difference > 0
+    assert not c.resolved and "is not resolved at 3 seeds" in c.sentence()
+    # the same difference with a spread across seeds, all well above zero, is resolved
+    spread = compare("bgn", {0: 0.30, 1: 0.32, 2: 0.31}, "bn", {0: 0.10, 1: 0.11, 2: 0.10}, 16)
+    assert spread.half_width > 0 and spread.resolved
+
+
 def test_the_report_opens_with_findings_and_intervals(store, tmp_path):
     markdown = report(store, "seeds", tmp_path)
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
