@@ -5,7 +5,10 @@ is a forward and a backward (input and parameter gradients). Noise on a shared m
 interleaving: each variant is timed in pairs, the anchor (torch's BatchNorm2d) and then the variant
 (A B A B ...), so both see the same load; the table gives the minimum and the median over pairs of
 the time, and two ratios: the ratio of the minima (the least disturbed call of each) and the median
-of the paired ratios. By default torch runs one thread and the clock is that thread's CPU time
+of the paired ratios. Pairs are added (beyond ``--repeats``) until the median ratio's 95% interval
+(distribution-free, from the order statistics) is within +-``--precision`` of it or ``--budget``
+seconds are spent; the table prints the interval reached, so a figure's precision is on its row.
+By default torch runs one thread and the clock is that thread's CPU time
 (``--clock cpu``): with one intra-op thread the forward and the CPU backward both run on the calling
 thread, so time spent waiting for a core under other processes' load (this machine runs several
 agents on 2 cores) is not counted, where wall time under load was off by 2-4x between runs; shared
@@ -18,12 +21,13 @@ cannot compile as one graph is compiled with graph breaks and marked. CPU always
 Goals (issue 18): eager <= 2x (first bar) and <= 1.5x; compiled <= 1.25x.
 
     .venv/bin/python benchmarks/norm_layers.py [--repeats 30] [--compile] [--only bn,ic] [--threads 1]
-                                               [--clock cpu|wall] [--budget 2.0]
+                                               [--clock cpu|wall] [--precision 0.03] [--budget 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -102,15 +106,37 @@ def prepare(module: torch.nn.Module, compiled: bool) -> tuple[object, str]:
     return torch.compile(module, fullgraph=True), ""
 
 
-def pair_times(anchor: Timed, variant: Timed, repeats: int, warmup: int,
-               budget: float) -> tuple[list[float], list[float]]:
-    """At least ``repeats`` pairs, more until ``budget`` seconds of timed calls (max 10x repeats)."""
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """Distribution-free 95% interval of the median: the order statistics n/2 -+ 0.98 sqrt(n)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    spread = 0.98 * math.sqrt(n)
+    return ordered[max(0, math.floor(n / 2 - spread))], ordered[min(n - 1, math.ceil(n / 2 + spread))]
+
+
+def relative_half_width(ratios: list[float]) -> float:
+    low, high = median_interval(ratios)
+    return (high - low) / (2 * statistics.median(ratios))
+
+
+def pair_times(anchor: Timed, variant: Timed, repeats: int, warmup: int, budget: float,
+               precision: float = 0.0) -> tuple[list[float], list[float]]:
+    """At least ``repeats`` pairs, then more until the median ratio's 95% interval is within
+    +-``precision`` of it, or ``budget`` seconds of timed calls are spent (max 20x repeats)."""
     for _ in range(warmup):
         anchor.step()
         variant.step()
     anchor_times, variant_times = [], []
-    while len(anchor_times) < repeats or (sum(anchor_times) + sum(variant_times) < budget
-                                          and len(anchor_times) < 10 * repeats):
+
+    def more() -> bool:
+        if len(anchor_times) < repeats:
+            return True
+        if sum(anchor_times) + sum(variant_times) >= budget or len(anchor_times) >= 20 * repeats:
+            return False
+        ratios = [v / a for v, a in zip(variant_times, anchor_times, strict=True)]
+        return relative_half_width(ratios) > precision
+
+    while more():
         # A B A B: both see the same moment's load; which one goes first alternates
         if len(anchor_times) % 2:
             variant_times.append(variant.step())
@@ -122,7 +148,7 @@ def pair_times(anchor: Timed, variant: Timed, repeats: int, warmup: int,
 
 
 def measure(names: list[str], shape: list[int], device: torch.device, repeats: int, warmup: int,
-            compiled: bool, budget: float = 0.0, clock=time.perf_counter):
+            compiled: bool, budget: float = 0.0, clock=time.perf_counter, precision: float = 0.0):
     """One row per variant, yielded as soon as it is measured (compiling every variant takes minutes)."""
     channels = shape[1]
     x = torch.randn(shape, device=device, requires_grad=True)
@@ -147,7 +173,7 @@ def measure(names: list[str], shape: list[int], device: torch.device, repeats: i
             variant = Timed(module, torch.compile(module), x, grad, clock)
             note = f"graph breaks ({type(error).__name__})"
         try:
-            anchor_times, variant_times = pair_times(anchors[with_conv], variant, repeats, warmup, budget)
+            anchor_times, variant_times = pair_times(anchors[with_conv], variant, repeats, warmup, budget, precision)
         except Exception as error:  # noqa: BLE001  (e.g. a recompile on every step: reported, not timed)
             if not compiled:
                 raise
@@ -160,7 +186,9 @@ def measure(names: list[str], shape: list[int], device: torch.device, repeats: i
             "median_ms": statistics.median(variant_times) * 1e3,
             "anchor_min_ms": min(anchor_times) * 1e3,
             "ratio_of_min": min(variant_times) / min(anchor_times),
-            "median_ratio": statistics.median(v / a for v, a in zip(variant_times, anchor_times, strict=True)),
+            "median_ratio": statistics.median(ratios := [v / a for v, a in zip(variant_times, anchor_times,
+                                                                                 strict=True)]),
+            "interval": relative_half_width(ratios),
             "pairs": len(variant_times),
             "note": note,
         }
@@ -184,8 +212,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="CPU time (default; immune to other processes' load) or wall time, on CPU")
-    parser.add_argument("--budget", type=float, default=1.5,
-                        help="seconds of timed calls per variant: more pairs than --repeats until spent")
+    parser.add_argument("--precision", type=float, default=0.03,
+                        help="pairs are added until the median ratio's 95%% interval is within +- this fraction")
+    parser.add_argument("--budget", type=float, default=8.0,
+                        help="seconds of timed calls per variant at most, whatever the precision reached")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True)")
     parser.add_argument("--only", default="", help="comma-separated variant names (default: every one)")
     args = parser.parse_args()
@@ -204,16 +234,19 @@ def main() -> int:
             mode = "torch.compile(fullgraph=True)" if compiled else "eager"
             print(f"\nload average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
             print(f"{device.type.upper()} {mode} forward+backward, input {tuple(args.shape)} float32{threads}, "
-                  f">= {args.repeats} interleaved pairs ({args.budget:g} s budget); anchor: the same mode's "
+                  f">= {args.repeats} interleaved pairs, more until x(med) is known to +-{args.precision:.0%} "
+                  f"(95%, at most {args.budget:g} s); anchor: the same mode's "
                   f"BatchNorm2d; x(med), the median of per-pair ratios, is the figure the goals are read on")
             print(f"{'variant':12s} {'min ms':>8s} {'med ms':>8s} {'anchor':>8s} {'x(min)':>7s} {'x(med)':>7s} "
-                  f"{'pairs':>5s}  note", flush=True)
+                  f"{'pairs':>5s} {'+-95%':>6s}  note", flush=True)
             clock = cpu_clock() if device.type == "cpu" and args.clock == "cpu" else time.perf_counter
-            for r in measure(names, args.shape, device, args.repeats, args.warmup, compiled, args.budget, clock):
+            for r in measure(names, args.shape, device, args.repeats, args.warmup, compiled, args.budget, clock,
+                             args.precision):
                 note = " ".join(filter(None, [flag(r["median_ratio"], compiled, device), r["note"],
                                               "(conv stack)" if r["anchor"] != "BatchNorm2d" else ""]))
                 print(f"{r['name']:12s} {r['min_ms']:8.2f} {r['median_ms']:8.2f} {r['anchor_min_ms']:8.2f} "
-                      f"{r['ratio_of_min']:7.2f} {r['median_ratio']:7.2f} {r['pairs']:5d}  {note}", flush=True)
+                      f"{r['ratio_of_min']:7.2f} {r['median_ratio']:7.2f} {r['pairs']:5d} {r['interval']:6.1%}  {note}",
+                      flush=True)
     return 0
 
 

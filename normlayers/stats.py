@@ -98,44 +98,66 @@ def batch_moments(
         return mean.to(dtype).reshape(sums.shape), var.to(dtype).reshape(sums.shape), n.to(dtype).detach()
 
 
-def batch_covariance(x: Tensor, group=None, who: str = "normalization layer") -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased covariance of the vectors ``x[g, :, m]`` over ``m`` (and over the process group).
+def blocks_gram(centred: Tensor) -> Tensor:
+    """sum over n and p of ``centred[n, g, :, p] centred[n, g, :, p]^T``: (N, G, d, P) -> (G, d, d).
 
-    ``x`` is ``(G, d, M)``: G groups of d-dimensional vectors, M of them on this rank. Returns
-    ``(mean (G, d), cov (G, d, d), count)`` in :func:`compute_dtype`. The whitening layers' analogue of
-    :func:`batch_moments`, synchronised the same way: each rank packs its count, its sums and its
-    sums of outer products (float64, built from its own centred covariance) into one tensor and
-    all-reduces it once, differentiably.
+    Computed on the blocks as they lie in an NCHW tensor (one d x P matrix per sample and group), so
+    the input is never transposed into (G, d, N*P) first; (N, C) input (P = 1) is one (G, d, N) product.
+    """
+    if centred.shape[-1] == 1:
+        vectors = centred.squeeze(-1).permute(1, 2, 0)
+        return vectors @ vectors.transpose(1, 2)
+    return (centred @ centred.transpose(-1, -2)).sum(0)
+
+
+def blocks_apply(matrices: Tensor, blocks: Tensor) -> Tensor:
+    """``matrices[g] @ blocks[n, g]`` for every sample n: (G, d, d) x (N, G, d, P) -> (N, G, d, P)."""
+    if blocks.shape[-1] == 1:
+        return (matrices @ blocks.squeeze(-1).permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(-1)
+    return matrices @ blocks
+
+
+def batch_covariance(x: Tensor, group=None, who: str = "normalization layer") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean and biased covariance of the d-dimensional vectors ``x[n, g, :, p]`` over ``n`` and ``p``
+    (and over the process group).
+
+    ``x`` is ``(N, G, d, P)``: an NCHW tensor's view with its C channels split into G groups of d and
+    its P = H*W positions flattened, M = N*P vectors per group on this rank. Returns ``(mean (G, d),
+    cov (G, d, d), count, centred)`` in :func:`compute_dtype`, ``centred`` being ``x`` minus the mean
+    (what the whitening is applied to). The whitening layers' analogue of :func:`batch_moments`,
+    synchronised the same way: each rank packs its count, its sums and its sums of outer products
+    (float64, built from its own centred covariance) into one tensor and all-reduces it once,
+    differentiably; ``centred`` is then centred on the group's mean.
     """
     dtype = compute_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         xf = x.to(dtype)
-        local_count = x.shape[2]
+        local_count = x.shape[0] * x.shape[3]
         synced = group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
         if not synced:
             if local_count <= 1:
                 raise single_value_error(who, x)
-            mean = xf.mean(dim=2, keepdim=True)
+            mean = xf.mean(dim=(0, 3), keepdim=True)
             centred = xf - mean
-            return mean.squeeze(2), centred @ centred.transpose(1, 2) / local_count, \
-                torch.tensor(float(local_count), dtype=dtype, device=x.device)
+            return mean.reshape(mean.shape[1:3]), blocks_gram(centred) / local_count, \
+                torch.tensor(float(local_count), dtype=dtype, device=x.device), centred
+        groups, dims = x.shape[1:3]
         if local_count > 0:
-            mean = xf.mean(dim=2, keepdim=True)
-            centred = xf - mean
-            mean64 = mean.double()
+            local_mean = xf.mean(dim=(0, 3), keepdim=True)
+            mean64 = local_mean.reshape(groups, dims, 1).double()
             sums = mean64.squeeze(2) * local_count
-            outer = (centred @ centred.transpose(1, 2)).double() + mean64 @ mean64.transpose(1, 2) * local_count
+            outer = blocks_gram(xf - local_mean).double() + mean64 @ mean64.transpose(1, 2) * local_count
         else:
-            zeros = xf.sum(dim=2).double()
+            zeros = xf.sum(dim=(0, 3)).double()
             sums, outer = zeros, zeros[:, :, None] * zeros[:, None, :]
         count = torch.full((1,), float(local_count), dtype=torch.float64, device=x.device)
         total = reduce_sum(torch.cat([count, sums.reshape(-1), outer.reshape(-1)]), group)
         n = total[0]
         safe_n = n.clamp_min(1.0)  # no host synchronisation on the group's count (see batch_moments)
-        groups, dims = sums.shape
         mean = total[1 : 1 + groups * dims].reshape(groups, dims) / safe_n
         cov = total[1 + groups * dims :].reshape(groups, dims, dims) / safe_n - mean[:, :, None] * mean[:, None, :]
-        return mean.to(dtype), cov.to(dtype), n.to(dtype).detach()
+        mean = mean.to(dtype)
+        return mean, cov.to(dtype), n.to(dtype).detach(), xf - mean[None, :, :, None]
 
 
 def _var_mean(xf: Tensor, dims: tuple[int, ...], count: int) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,9 @@ it; eval uses them. NC and NCHW input. Statistics in float32 (float64 for float6
 off; the batch statistics come from :func:`normlayers.stats.batch_covariance`, which synchronises
 them over a process group in one all-reduce, as :func:`~normlayers.stats.batch_moments` does for
 the other variants (a whitening matrix needs the cross-channel moments, which per-channel moments
-cannot give).
+cannot give). Both work on the (N, G, d, H*W) view of the input, one d x H*W block per sample and
+group, so the input is never transposed into (G, d, N*H*W) and the output comes back in NCHW order
+(:func:`~normlayers.stats.blocks_gram`, :func:`~normlayers.stats.blocks_apply`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import resolve_groups
 from normlayers.registry import register
-from normlayers.stats import batch_covariance, compute_dtype, keep_format, single_value_error, update_running
+from normlayers.stats import batch_covariance, blocks_apply, compute_dtype, keep_format, single_value_error, update_running
 
 
 def zca_whitening(sigma: Tensor) -> Tensor:
@@ -111,10 +113,10 @@ class _Whitening(NormLayer):
         dtype = compute_dtype(x)
         size = self.num_features // self.groups
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # (G, d, N*H*W): one d-dimensional vector per sample and position
-            grouped = x.to(dtype).transpose(0, 1).reshape(self.groups, size, -1)
+            # (N, G, d, H*W): the d-dimensional vectors of each sample, group and position, a view of x
+            blocks = x.to(dtype).reshape(x.shape[0], self.groups, size, -1)
             if self.training:
-                mean, cov, _ = batch_covariance(grouped, self.process_group, who=self.norm_name)
+                mean, cov, _, centred = batch_covariance(blocks, self.process_group, who=self.norm_name)
                 eye = torch.eye(size, dtype=dtype, device=x.device)
                 whitening = self.whitening(cov + self.eps * eye)
                 self.num_batches_tracked.add_(1)
@@ -123,16 +125,14 @@ class _Whitening(NormLayer):
             else:
                 mean = self.running_mean.to(dtype).reshape(self.groups, size)
                 whitening = self.running_whitening.to(dtype)
-            # the affine folded into the whitening matrix's rows and the product's offset (one
-            # baddbmm instead of bmm, multiply and add over every value, forward and backward)
+                centred = blocks - mean[None, :, :, None]
+            # the affine's scale folded into the whitening matrix's rows (d x d values, not every value)
             if self.weight is not None:
                 whitening = whitening * self.weight.to(dtype).reshape(self.groups, size, 1)
-            centred = grouped - mean[:, :, None]
+            white = blocks_apply(whitening, centred)
             if self.bias is not None:
-                white = torch.baddbmm(self.bias.to(dtype).reshape(self.groups, size, 1), whitening, centred)
-            else:
-                white = whitening @ centred
-            y = white.reshape(self.num_features, x.shape[0], *x.shape[2:]).transpose(0, 1)
+                white = white + self.bias.to(dtype).reshape(1, self.groups, size, 1)
+            y = white.reshape(x.shape)
         return keep_format(y.to(x.dtype).contiguous(), x)
 
     def extra_repr(self) -> str:

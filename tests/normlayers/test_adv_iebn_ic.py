@@ -95,3 +95,28 @@ def test_single_value_batches_fail_with_the_layer_name(spec):
     layer = build_norm(spec, 4)
     with pytest.raises(ValueError, match=rf"^{spec}: training needs more than one value per statistic"):
         layer(torch.randn(1, 4))
+
+
+def test_ic_mask_words_are_uniform_and_independent():
+    """Each element's keep draw is one 16-bit word of a random int64: every word position of the four must
+    keep at 1 - p (a sign bit left out of the draw would bias one of them), and neighbours (words of one
+    int64) must be independent."""
+    from normlayers.ic import dropout_scale, realised_drop
+
+    torch.manual_seed(0)
+    p = 0.3
+    n = 400_000
+    scale = dropout_scale(torch.empty(n // 4, 4), p)
+    kept = scale != 0
+    values = scale.unique()
+    assert values.numel() == 2 and values[0] == 0
+    assert values[1].item() == pytest.approx(1 / (1 - realised_drop(p)), rel=1e-7)
+    sd = (p * (1 - p) / (n // 4)) ** 0.5
+    for position in range(4):
+        assert abs(kept[:, position].float().mean().item() - (1 - p)) < 5 * sd, position
+    for a, b in ((0, 1), (1, 2), (2, 3), (3, 0)):
+        both = (kept[:, a] & kept[:, b]).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 5 * sd, (a, b)
+    # the realised rate is p to 2^-16, and the scale keeps the layer unbiased for it
+    assert abs(realised_drop(p) - p) <= 2**-17 and realised_drop(0.05) == round(0.05 * 65536) / 65536
+    assert abs(scale.mean().item() - 1.0) < 5 * sd / (1 - p)
