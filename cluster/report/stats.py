@@ -19,8 +19,8 @@ from dataclasses import dataclass
 CONFIDENCE = 0.95
 INTERVAL_NAME = "95% t interval"
 # below this half-width (errors are fractions in [0, 1]) an interval counts as zero-width: identical
-# per-seed differences leave float rounding of about 1e-18, not a spread
-ZERO_WIDTH = 1e-9
+# per-seed differences of metrics logged in float32 leave rounding of about 1e-7, not a spread
+ZERO_WIDTH = 1e-6
 
 # Two-sided 95% quantiles t(0.975, df) of Student's t distribution (standard tables).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,

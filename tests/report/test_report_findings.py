@@ -9,6 +9,7 @@ import math
 import time
 
 import pytest
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -103,6 +104,13 @@ def test_identical_differences_on_every_seed_are_not_resolved():
     c = compare("bgn", {0: 3 * image, 1: 4 * image, 2: 2 * image}, "bn", {0: 2 * image, 1: 3 * image, 2: image}, 16)
     assert c.half_width == pytest.approx(0.0, abs=1e-15) and c.difference > 0
     assert not c.resolved and "is not resolved at 3 seeds" in c.sentence()
+    # as the store gives them back: accuracies logged in float32
+    as_logged = {k: 1 - float(torch.tensor(1 - v, dtype=torch.float32)) for k, v in
+                 {0: 3 * image, 1: 4 * image, 2: 2 * image}.items()}
+    baseline = {k: 1 - float(torch.tensor(1 - v, dtype=torch.float32)) for k, v in
+                {0: 2 * image, 1: 3 * image, 2: image}.items()}
+    logged = compare("bgn", as_logged, "bn", baseline, 16)
+    assert 0 < logged.half_width < 1e-6 and not logged.resolved
     # the same difference with a spread across seeds, all well above zero, is resolved
     spread = compare("bgn", {0: 0.30, 1: 0.32, 2: 0.31}, "bn", {0: 0.10, 1: 0.11, 2: 0.10}, 16)
     assert spread.half_width > 0 and spread.resolved
