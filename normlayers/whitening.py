@@ -45,7 +45,14 @@ from normlayers.base import NormLayer, check_eps_momentum
 from normlayers.batchnorm import check_channels
 from normlayers.groupnorm import resolve_groups
 from normlayers.registry import register
-from normlayers.stats import batch_covariance, blocks_apply, compute_dtype, keep_format, single_value_error, update_running
+from normlayers.stats import (
+    batch_covariance,
+    blocks_apply,
+    compute_dtype,
+    keep_format,
+    single_value_error,
+    update_running,
+)
 
 
 def zca_whitening(sigma: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ every run key as it was, or a re-submitted sweep would train its finished runs a
 
 The expected keys were computed on the code before the Enum fields (as a digest of each file's list of
 keys); demo.yaml and batch_regimes_digits.yaml, rewritten since (the virtual-device protocol; the demo
-then without augmentation), were frozen again when rewritten. A sweep file edited since (its own digest differs) is skipped: its keys are a new sweep's.
+then without augmentation), were frozen again when rewritten. A sweep file edited since (its own digest
+differs) is skipped: its keys are a new sweep's.
 """
 
 from __future__ import annotations
